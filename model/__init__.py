@@ -1,5 +1,6 @@
 """Hand-written Qwen2/Qwen3 decoder, KV cache, generation and HF checkpoint I/O."""
+from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS, ModelConfig
 from model.transformer import KVCache, Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache"]
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache", "load_pretrained", "save_pretrained"]
