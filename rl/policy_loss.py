@@ -1,0 +1,110 @@
+"""The GRPO objective on per-token log-probs: clipped importance ratio, KL penalty, aggregation.
+
+For completion i with advantage A_i and token t (all tensors [B, C], C = completion slots):
+
+    rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)              importance ratio
+    l_it   = -min(rho_it * A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) * A_i)  + beta * kl_it
+
+This is PPO's clipped surrogate (Schulman et al. 2017) as GRPO uses it (DeepSeekMath, Shao et al.
+2024, eq. 3) with DAPO's "clip-higher" (Yu et al. 2025): separate eps_low / eps_high so unlikely
+tokens with positive advantage can grow. With one update per rollout batch (mu = 1) pi_old is the
+current policy detached: rho == 1, the clip never binds, and the gradient is REINFORCE with the
+group-relative advantage, -A_i * grad log pi(o_it).
+
+KL penalty to a frozen reference pi_ref (beta = 0 drops it and no reference model is kept). With
+r = pi_ref(o_it) / pi_theta(o_it) at a token sampled from pi_theta (Schulman 2020, "Approximating
+KL Divergence"):
+- "k1": kl = -log r = log pi_theta - log pi_ref. Its VALUE is an unbiased estimate of
+  KL(pi_theta || pi_ref). Its GRADIENT is grad log pi_theta(o), whose expectation under pi_theta is
+  0: as a loss term it only adds noise (k1 acts through the reward, not through the loss).
+- "k3": kl = r - 1 - log r >= 0 (DeepSeekMath's choice). Its VALUE is an unbiased, lower-variance
+  estimate of KL(pi_theta || pi_ref). Its GRADIENT is (1 - r) * grad log pi_theta(o), whose
+  expectation sum_o (pi_theta - pi_ref)(o) grad log pi_theta(o) = -sum_o pi_ref grad log pi_theta
+  is the gradient of the REVERSE direction KL(pi_ref || pi_theta), not of KL(pi_theta || pi_ref).
+Both are taken per token with the prefix fixed, as in DeepSeekMath and TRL.
+
+Aggregation over tokens (mask m_it = 1 on completion tokens that take part). Each mode returns
+(loss_sum, normaliser) for THIS micro-batch; the trainer sums both over micro-batches and ranks and
+divides once, so the result does not depend on how the batch was split:
+- "grpo" (DeepSeekMath): mean over each sequence's tokens, then mean over sequences.
+  loss_sum = sum_i (sum_t m_it l_it / sum_t m_it); normaliser = number of sequences with >= 1 token.
+  Long sequences' tokens weigh less (the length bias Dr. GRPO points out).
+- "dapo" (DAPO's token-level loss): loss_sum = sum_it m_it l_it; normaliser = number of tokens.
+- "dr_grpo" (Dr. GRPO): loss_sum = sum_it m_it l_it; normaliser = max_new_tokens x number of
+  sequences with >= 1 token: a constant per sequence, so no length bias and no per-batch token count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate at sampled tokens (k1 or k3, see module doc)."""
+    log_r = ref_logprobs - logprobs  # log pi_ref / pi_theta
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k3":
+        return torch.exp(log_r) - 1 - log_r
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def normaliser(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
+    """The divisor of `aggregation` contributed by the sequences of `mask` [B, C] (additive over batches)."""
+    tokens_per_seq = mask.sum(dim=1, dtype=torch.float32)  # (B,)
+    if aggregation == "grpo":
+        return (tokens_per_seq > 0).sum().float()
+    if aggregation == "dapo":
+        return tokens_per_seq.sum()
+    if aggregation == "dr_grpo":
+        return (tokens_per_seq > 0).sum().float() * max_new_tokens
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Loss sum of per-token values [B, C] under `mask` [B, C]: per-sequence means for "grpo", else token sum."""
+    masked = per_token.masked_fill(~mask.bool(), 0.0)  # (B, C)
+    if aggregation == "grpo":
+        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+    return masked.sum()
+
+
+@dataclass
+class PolicyLossOutput:
+    loss_sum: torch.Tensor  # scalar with grad: sum of the aggregated per-token loss
+    normaliser: torch.Tensor  # scalar: this micro-batch's share of the global normaliser
+    clipped_tokens: torch.Tensor  # scalar: tokens where the clip is active (zero gradient)
+    kl_sum: torch.Tensor  # scalar: sum of per-token KL estimates (0 when beta == 0)
+    num_tokens: torch.Tensor  # scalar: tokens in the mask (for token means of the two above)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, eps_low: float, eps_high: float, aggregation: str,
+                max_new_tokens: int, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+                kl_estimator: str = "k3") -> PolicyLossOutput:
+    """GRPO loss of one micro-batch. logprobs, old_logprobs, ref_logprobs, mask: [B, C]; advantages: [B].
+
+    Returns the UN-normalised sum and the normaliser (see module doc); masked tokens contribute nothing.
+    """
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (a frozen reference model)")
+    mask = mask.bool()
+    ratio = torch.exp((logprobs - old_logprobs).masked_fill(~mask, 0.0))  # (B, C); 1 at padding
+    adv = advantages[:, None].to(logprobs.dtype)  # (B, 1)
+    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # (B, C)
+    kl = torch.zeros_like(per_token)
+    if beta > 0:
+        kl = kl_estimate(logprobs, ref_logprobs, kl_estimator).masked_fill(~mask, 0.0)
+        per_token = per_token + beta * kl
+    # The clip is active (the min picks the constant clipped branch) when the ratio left the trust
+    # region in the direction the advantage pushes it.
+    clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    return PolicyLossOutput(loss_sum=aggregate(per_token, mask, aggregation),
+                            normaliser=normaliser(mask, aggregation, max_new_tokens),
+                            clipped_tokens=(clipped & mask).sum().detach(),
+                            kl_sum=kl.detach().sum(), num_tokens=mask.sum())
