@@ -1,0 +1,35 @@
+"""Graders: one module per benchmark, each exposing `grade(completion, reference) -> Grade`.
+
+    gsm8k  final number (`####`, then \\boxed{}, then the last number), compared numerically
+    math   last \\boxed{} compared with math_verify (symbolic equivalence)
+    code   HumanEval program (prompt + completion + tests) run in the subprocess sandbox
+
+The GSM8K-style synthetic task uses the gsm8k grader; the HumanEval-format synthetic code task
+uses the code grader.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Grade:
+    score: float              # 1.0 correct, 0.0 wrong (code: 1.0 = every test passed)
+    extracted: str | None     # the answer pulled out of the completion (None: nothing found)
+    note: str = ""            # how it was extracted / why it failed, for reading generations.jsonl
+
+
+from data.graders import code, gsm8k, math  # noqa: E402  (the modules import Grade from here)
+
+GRADERS = {"gsm8k": gsm8k.grade, "math": math.grade, "code": code.grade}
+
+
+def grade_batch(grader: str, completions: list[str], references: list, workers: int | None = None) -> list[Grade]:
+    """Grade completions[i] against references[i].
+
+    Code runs sandboxed programs concurrently (threads that wait on subprocesses); the text
+    graders run in the calling thread so that math_verify keeps its signal-based timeout.
+    """
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions but {len(references)} references")
+    if grader == "code":
+        return code.grade_many(completions, references, workers=workers)
+    return [GRADERS[grader](c, r) for c, r in zip(completions, references)]

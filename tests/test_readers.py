@@ -1,0 +1,88 @@
+"""data/readers.py: real benchmark files load whole; bad input names file, line and field."""
+import gzip
+import json
+
+import pytest
+from conftest import shared_data
+
+from data.readers import load_chat, load_gsm8k, load_humaneval, load_math, load_prompt_completion, read_jsonl
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_real_files_load_every_row():
+    gsm8k = load_gsm8k(shared_data("gsm8k/test.jsonl"))
+    math = load_math(shared_data("math500/test.jsonl"))
+    humaneval = load_humaneval(shared_data("humaneval/HumanEval.jsonl.gz"))
+    assert (len(gsm8k), len(math), len(humaneval)) == (1319, 500, 164)
+    # The first GSM8K test answer ends "#### 18" (Janet's ducks).
+    assert gsm8k[0]["reference"] == "18" and gsm8k[0]["id"] == 0
+    assert humaneval[0]["id"] == "HumanEval/0" and humaneval[0]["reference"]["entry_point"] == "has_close_elements"
+    assert math[0]["reference"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_gsm8k_reference_drops_thousands_separators(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", [json.dumps({"question": "q", "answer": "so\n#### 1,200"})])
+    assert load_gsm8k(path)[0]["reference"] == "1200"
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"question": "a", "answer": "#### 1"}', "", '{"question": "b",'])
+    with pytest.raises(ValueError, match=rf"{tmp_path}/bad.jsonl:3: invalid JSON"):
+        read_jsonl(path)
+
+
+def test_missing_and_ill_typed_fields_name_file_line_field(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", ['{"question": "a", "answer": "#### 1"}', '{"question": "b"}'])
+    with pytest.raises(ValueError, match=r"g.jsonl:2: field 'answer' missing"):
+        load_gsm8k(path)
+    path = write_lines(tmp_path / "m.jsonl", ['{"problem": "p", "solution": 3}'])
+    with pytest.raises(ValueError, match=r"m.jsonl:1: field 'solution' must be str, got int"):
+        load_math(path)
+    path = write_lines(tmp_path / "g2.jsonl", ['{"question": "a", "answer": "no marker"}'])
+    with pytest.raises(ValueError, match=r"g2.jsonl:1: field 'answer' must end with '#### <number>'"):
+        load_gsm8k(path)
+
+
+def test_math_answer_falls_back_to_last_boxed(tmp_path):
+    rows = [{"problem": "p", "solution": "first \\boxed{1}, then \\boxed{\\frac{a}{b}}."},
+            {"problem": "p", "solution": "no box"}]
+    path = write_lines(tmp_path / "m.jsonl", [json.dumps(r) for r in rows])
+    with pytest.raises(ValueError, match=r"m.jsonl:2: field 'answer' missing"):
+        load_math(path)
+    path = write_lines(tmp_path / "m1.jsonl", [json.dumps(rows[0])])
+    assert load_math(path)[0]["reference"] == "\\frac{a}{b}"
+
+
+def test_humaneval_gz_and_missing_field(tmp_path):
+    row = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
+           "test": "def check(f):\n    assert f() == 1\n", "entry_point": "f"}
+    path = tmp_path / "h.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(row) + "\n" + json.dumps({k: v for k, v in row.items() if k != "test"}) + "\n")
+    with pytest.raises(ValueError, match=r"h.jsonl.gz:2: field 'test' missing"):
+        load_humaneval(path)
+
+
+def test_chat_roles_validated(tmp_path):
+    good = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                         {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "u"}, {"role": "bot", "content": "a"}]}
+    path = write_lines(tmp_path / "c.jsonl", [json.dumps(good), json.dumps(bad)])
+    with pytest.raises(ValueError, match=r"c.jsonl:2: messages\[1\]: field 'role' must be one of"):
+        load_chat(path)
+    assert load_chat(write_lines(tmp_path / "c1.jsonl", [json.dumps(good)])) == [good]
+    path = write_lines(tmp_path / "c2.jsonl", ['{"messages": [{"role": "user"}]}'])
+    with pytest.raises(ValueError, match=r"c2.jsonl:1: messages\[0\]: field 'content' missing"):
+        load_chat(path)
+
+
+def test_prompt_completion(tmp_path):
+    path = write_lines(tmp_path / "pc.jsonl", ['{"prompt": "1+1=", "completion": "2"}', '{"prompt": "x"}'])
+    with pytest.raises(ValueError, match=r"pc.jsonl:2: field 'completion' missing"):
+        load_prompt_completion(path)
+    assert load_prompt_completion(write_lines(tmp_path / "ok.jsonl", ['{"prompt": "a", "completion": "b"}'])) == [
+        {"prompt": "a", "completion": "b"}]
