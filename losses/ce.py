@@ -1,0 +1,57 @@
+"""Token-level losses on the model's own distribution: cross-entropy (SFT), log-probs and entropy (RL).
+
+Each function takes `logits` [..., V] or a `Head(hidden [..., d], lm_head weight [V, d])`; with a
+Head the [N, V] logits exist only `chunk_size` tokens at a time (losses/chunked.py). The per-row
+math runs in kernels/ (Triton on CUDA, plain torch elsewhere). See losses/__init__.py for the
+normalisation rule (token sums divided by the global number of valid tokens).
+"""
+import torch
+
+import kernels
+from losses.chunked import DEFAULT_CHUNK_SIZE, Logits, reduce_tokens
+
+
+def _check_targets(logits: Logits, targets: torch.Tensor):
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} "
+                         f"(the logits' shape {tuple(logits.shape)} without the vocabulary dim)")
+
+
+def cross_entropy(logits: Logits, targets: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Next-token cross-entropy l_i = -log softmax(z_i)[y_i] = logsumexp(z_i) - z_i[y_i].
+
+    Tokens whose target is `ignore_index` (prompt, padding) count for nothing. reduction: "mean" over
+    valid tokens (as F.cross_entropy), "sum" (divide by the global valid-token count yourself),
+    "none" (per token, 0 at ignored tokens).
+    """
+    _check_targets(logits, targets)
+    return reduce_tokens(lambda z, y: kernels.cross_entropy(z, y, ignore_index), logits, (targets,),
+                         mask=targets != ignore_index, reduction=reduction, chunk_size=chunk_size)
+
+
+def token_logprobs(logits: Logits, targets: torch.Tensor, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None, reduction: str = "none",
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log pi(y_i) = log softmax(z_i / T)[y_i], the per-token log-probabilities of policy-gradient RL
+    (GRPO, DeepSeekMath, arXiv:2402.03300): "selective log-softmax", gathering the target before
+    normalising, so no [N, V] log-softmax copy is kept. Differentiable; 0 at masked tokens.
+
+    Use the sampling temperature T so the log-probs are those of the distribution that was sampled.
+    """
+    _check_targets(logits, targets)
+    return reduce_tokens(lambda z, y: kernels.token_logprobs(z, y, temperature), logits, (targets,),
+                         mask=mask, reduction=reduction, chunk_size=chunk_size)
+
+
+def _entropy_rows(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = kernels.log_softmax(logits, temperature)  # (n, V)
+    return -(logp.exp() * logp).sum(-1)  # (n,)
+
+
+def entropy(logits: Logits, temperature: float = 1.0, mask: torch.Tensor | None = None,
+            reduction: str = "none", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Shannon entropy of the next-token distribution H_i = -sum_v p_iv log p_iv, p_i = softmax(z_i / T),
+    in nats: the exploration signal monitored (or rewarded) in RL. Differentiable; 0 at masked tokens."""
+    return reduce_tokens(lambda z: _entropy_rows(z, temperature), logits, mask=mask,
+                         reduction=reduction, chunk_size=chunk_size)

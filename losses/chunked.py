@@ -1,0 +1,209 @@
+"""Per-token losses over a huge vocabulary without materialising the [N, V] logits.
+
+Every loss in losses/ is a *per-token* function of fp32 logits, `token_fn(logits [n, V], *rows) -> [n]`,
+plus a reduction over valid tokens. `reduce_tokens` applies any such function to either
+
+- full logits [..., V] (a plain tensor), or
+- a `Head(hidden [..., d], weight [V, d])`, the final hidden states and the lm_head matrix, in which
+  case logits exist only `chunk_size` tokens at a time: [chunk, V] instead of [N, V]
+  (8 x 4096 tokens x 151,936 vocab is ~20 GB of fp32 logits before any log-softmax copy).
+
+Two chunked paths, because the two reductions need different things from autograd:
+
+1. reduction "sum"/"mean" -> `FusedLinearSum`, the fused-linear trick of Liger-Kernel
+   (Hsu et al. 2024, arXiv:2410.10989): the loss is a scalar L = sum_i w_i * l_i, so its gradient can be
+   computed *during the forward pass*, chunk by chunk, and the chunk's logits freed at once:
+       z_c = h_c W^T                       (chunk logits)
+       g_c = dL/dz_c                        (autograd through token_fn on the chunk only)
+       dL/dh_c = g_c W,   dL/dW += g_c^T h_c
+   backward() only multiplies the stored gradients by the incoming scalar. Three matmuls per chunk,
+   the same as the unchunked forward + backward, so no recomputation.
+2. reduction "none" -> per-token values with a gradient (e.g. GRPO's log-probs feed a nonlinear loss
+   built later). The upstream gradient differs per token, so dL/dW cannot be summed in the forward
+   pass; each chunk is wrapped in activation checkpointing instead and recomputes its logits in the
+   backward pass (one extra matmul per chunk).
+
+Both paths drop the rows with zero weight (prompt tokens, padding) before chunking, so masked tokens
+cost nothing. Row arguments (`rows`) are constants sliced alongside the tokens: tensors with a
+leading token dimension, or a `Head` (a teacher), projected per chunk under no_grad.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+TokenFn = Callable[..., torch.Tensor]  # (logits [n, V] fp32, *rows) -> [n] fp32
+REDUCTIONS = ("none", "sum", "mean")
+DEFAULT_CHUNK_SIZE = 256  # [256, 151936] fp32 = 156 MB per live logits-sized tensor
+
+
+@dataclass(frozen=True)
+class Head:
+    """Logits that are computed on demand: logits = hidden @ weight.T (the model's lm_head).
+
+    hidden: [..., d] final normed hidden states; weight: [V, d] (the embedding when tied).
+    Indexing selects token rows and keeps the weight: head[rows] -> Head(hidden[rows], weight).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def __post_init__(self):
+        if self.weight.dim() != 2 or self.hidden.shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"Head: hidden {tuple(self.hidden.shape)} and weight {tuple(self.weight.shape)} "
+                             "do not match: expected hidden [..., d] and weight [V, d]")
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the logits would have: [..., V]."""
+        return self.hidden.shape[:-1] + self.weight.shape[:1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def __getitem__(self, rows) -> "Head":
+        return Head(self.hidden[rows], self.weight)
+
+    def logits(self) -> torch.Tensor:
+        return upcast(self.hidden @ self.weight.T)  # (n, V)
+
+
+Logits = torch.Tensor | Head
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to fp32 for the softmax math; fp32 and fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def as_logits(x):
+    """A row argument as the token function sees it: a Head (a teacher) becomes its logits."""
+    return x.logits() if isinstance(x, Head) else x
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: the autocast dtype when autocast is on (as nn.Linear would use), else hidden's."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """out += a @ b; in place (no [V, d] temporary) when the dtypes agree, else through one."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
+
+
+class FusedLinearSum(torch.autograd.Function):
+    """L = sum_i weights_i * token_fn(hidden_i @ weight.T, *rows_i), gradients computed chunk by chunk
+    in forward (see the module docstring). The weight gradient accumulates in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, weights, token_fn, rows, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dtype = _compute_dtype(hidden)
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        acc_dtype = torch.promote_types(dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_w else None
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        w = weight.to(dtype)  # (V, d), a copy only when autocast lowers the precision
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            row_args = [as_logits(r[chunk]) for r in rows]  # a teacher Head projects under the caller's autocast
+            with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
+                h = hidden[chunk].to(dtype)  # (c, d)
+                logits = upcast(h @ w.T).requires_grad_(need_h or need_w)  # (c, V)
+                with torch.enable_grad():
+                    loss = (token_fn(logits, *row_args) * weights[chunk]).sum()
+                if need_h or need_w:
+                    g = torch.autograd.grad(loss, logits)[0].to(dtype)  # (c, V) dL/dlogits
+                    if need_h:
+                        grad_hidden[chunk] = g @ w  # (c, d)
+                    if need_w:
+                        _accumulate(grad_weight, g.T, h)  # (V, d)
+                total += loss.detach()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _head_values(token_fn, hidden, weight, *rows):
+    return token_fn(Head(hidden, weight).logits(), *[as_logits(r) for r in rows])  # (c,)
+
+
+def _token_values(token_fn, logits: Logits, rows, chunk_size) -> torch.Tensor:
+    """Per-token values [n] with their graph; a Head is evaluated chunk by chunk under checkpointing."""
+    if isinstance(logits, torch.Tensor):
+        return token_fn(upcast(logits), *[as_logits(r) for r in rows])
+    chunks = []
+    for start in range(0, logits.hidden.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        chunks.append(checkpoint(_head_values, token_fn, logits.hidden[chunk], logits.weight,
+                                 *[r[chunk] for r in rows], use_reentrant=False))
+    return torch.cat(chunks) if chunks else logits.hidden.new_zeros(0, dtype=torch.float32)
+
+
+def flatten_tokens(x, lead: torch.Size, name: str):
+    """[*lead, ...] -> [n, ...] for a tensor, or Head hidden [*lead, d] -> [n, d]."""
+    n = lead.numel()
+    if tuple(x.shape[:len(lead)]) != tuple(lead):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected leading dims {tuple(lead)}")
+    if isinstance(x, Head):
+        return Head(x.hidden.reshape(n, -1), x.weight)
+    return x.reshape(n, *x.shape[len(lead):])
+
+
+def reduce_tokens(token_fn: TokenFn, logits: Logits, rows=(), mask: torch.Tensor | None = None,
+                  reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Apply a per-token loss to logits [..., V] or a Head, weight the tokens by `mask`, and reduce.
+
+    token_fn(logits [n, V] fp32, *rows) -> [n]; rows: tensors [..., *] or Heads sharing the leading
+    dims of `logits`, treated as constants. mask: [...] bool (True = the token counts) or float
+    per-token weights w_i; None = every token counts with w_i = 1.
+    reduction: "none" -> w_i * l_i with the leading shape (0 at masked tokens);
+    "sum" -> sum_i w_i * l_i; "mean" -> sum_i w_i * l_i / sum_i w_i (0 when no token counts).
+    chunk_size: tokens per chunk when `logits` is a Head (ignored for a logits tensor).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = logits.shape[:-1]
+    n = lead.numel()
+    logits = flatten_tokens(logits, lead, "logits")
+    rows = [flatten_tokens(r, lead, f"row argument {i}") for i, r in enumerate(rows)]
+    if mask is None:
+        weights, keep = torch.ones(n, device=logits.device), None
+    else:
+        weights = flatten_tokens(mask, lead, "mask").float()
+        keep = weights.nonzero().squeeze(1)  # drop masked tokens before any vocab-sized work
+        if len(keep) == n:
+            keep = None
+        else:
+            logits, rows, weights = logits[keep], [r[keep] for r in rows], weights[keep]
+    if reduction == "none":
+        values = _token_values(token_fn, logits, rows, chunk_size) * weights  # (n_kept,)
+        if keep is not None:
+            values = values.new_zeros(n).index_put((keep,), values)  # (n,)
+        return values.reshape(lead)
+    if isinstance(logits, Head):
+        total = FusedLinearSum.apply(logits.hidden, logits.weight, weights, token_fn, rows, chunk_size)
+    else:
+        total = (_token_values(token_fn, logits, rows, chunk_size) * weights).sum()
+    if reduction == "mean" and len(weights):
+        total = total / weights.sum()
+    return total

@@ -1,0 +1,165 @@
+"""Logit distillation: forward KL, reverse KL and the generalized Jensen-Shannon divergence, against a
+dense teacher (logits or a Head) or a sparse top-k teacher that can be precomputed and stored.
+
+Notation per token: student q = softmax(z_s / T), teacher p = softmax(z_t / T), temperature T
+(Hinton et al. 2015, arXiv:1503.02531; their T^2 factor keeps gradient magnitudes comparable across T
+and is applied when scale_t2=True).
+
+- forward KL(p || q) = sum_v p_v (log p_v - log q_v): mass-covering; the classic KD loss.
+- reverse KL(q || p) = sum_v q_v (log q_v - log p_v): mode-seeking (MiniLLM, arXiv:2306.08543).
+- generalized JSD (GKD, Agarwal et al. 2024, arXiv:2306.13649), with the mixture m = beta p + (1 - beta) q:
+      JSD_beta = [beta KL(p || m) + (1 - beta) KL(q || m)] / (beta (1 - beta)).
+  GKD (and TRL) use the bracket alone, which tends to 0 at both ends; dividing by beta (1 - beta) makes
+  it continuous on [0, 1] with JSD_0 = forward KL and JSD_1 = reverse KL (as beta -> 0,
+  KL(p || m) -> KL(p || q) and KL(q || m) = O(beta^2)), so one knob slides from mass-covering to
+  mode-seeking. At beta = 0.5 it is 4x the usual JSD.
+
+Sparse teacher: the teacher's k most likely tokens (log-probs + ids) and one "rest" bucket holding
+the remaining mass 1 - sum_topk p. The student's distribution is coarsened onto the same k + 1
+buckets (its top-k ids' probabilities, and the rest summed) and the divergence is taken there.
+With k = V there is no rest bucket and the loss equals full KD.
+
+All functions reduce like losses/ce.py (mask, reduction "mean"/"sum"/"none", chunking with a Head).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from losses.chunked import DEFAULT_CHUNK_SIZE, Head, Logits, as_logits, flatten_tokens, reduce_tokens, upcast
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """Top-k teacher distribution at `temperature`: logprobs / indices [..., k] and rest_logprob [...]
+    = log(1 - sum of the top-k probabilities), -inf when k = V."""
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+    rest_logprob: torch.Tensor
+    temperature: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.indices.shape
+
+
+def _topk_rows(logits: torch.Tensor, k: int, temperature: float):
+    z = upcast(logits) / temperature  # (n, V)
+    lse = z.logsumexp(-1)  # (n,)
+    top, indices = z.topk(k, dim=-1)  # (n, k)
+    rest = z.scatter(-1, indices, -math.inf).logsumexp(-1)  # (n,) log of the unnormalised rest mass
+    return top - lse[:, None], indices, rest - lse
+
+
+@torch.no_grad()
+def sparse_teacher(teacher: Logits, k: int, temperature: float = 1.0,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE) -> SparseTeacher:
+    """Keep the teacher's top-k log-probs at `temperature` and the rest mass (computed exactly, in
+    log space), from logits [..., V] or a Head (processed `chunk_size` tokens at a time)."""
+    vocab = teacher.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got {k}")
+    lead = teacher.shape[:-1]
+    flat = flatten_tokens(teacher, lead, "teacher")
+    parts = [_topk_rows(as_logits(flat[i:i + chunk_size]), k, temperature)
+             for i in range(0, lead.numel(), chunk_size)]
+    logprobs, indices, rest = (torch.cat(p) for p in zip(*parts))
+    return SparseTeacher(logprobs.reshape(*lead, k), indices.reshape(*lead, k), rest.reshape(lead), temperature)
+
+
+def _expectation(logp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v x_v per row, with 0 * x = 0 where p_v = 0 (a -inf log-prob, e.g. an empty bucket)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * x, 0.0).sum(-1)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per row from log-probs [n, K]."""
+    return _expectation(logp, logp - logq)
+
+
+def _kl_to_mixture(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Tensor:
+    """KL(P || (1 - w) P + w Q) = -sum_v p_v log((1 - w) + w q_v / p_v), evaluated as a logaddexp of
+    log(1 - w) and log(w) + log q - log p: no overflow, and accurate when w is tiny (near the ends of
+    the JSD's beta range, where this KL is O(w^2) and a naive log m - log p cancels catastrophically)."""
+    return -_expectation(logp, torch.logaddexp(logp.new_tensor(math.log1p(-w)), math.log(w) + logq - logp))
+
+
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD_beta per row between log-prob vectors [n, K] (see the module docstring):
+    beta = 0 -> KL(p || q), beta = 1 -> KL(q || p)."""
+    if beta == 0:
+        return _kl(teacher_logp, student_logp)
+    if beta == 1:
+        return _kl(student_logp, teacher_logp)
+    # m = beta p + (1 - beta) q:  KL(p || m) / (1 - beta) + KL(q || m) / beta
+    return (_kl_to_mixture(teacher_logp, student_logp, 1 - beta) / (1 - beta)
+            + _kl_to_mixture(student_logp, teacher_logp, beta) / beta)
+
+
+def _dense_rows(student, teacher, beta: float, temperature: float) -> torch.Tensor:
+    if beta in (0, 1):  # the fused kernel
+        return kernels.kl_div(student, teacher, temperature, reverse=beta == 1)
+    return divergence(kernels.log_softmax(student, temperature), kernels.log_softmax(teacher, temperature), beta)
+
+
+def _sparse_rows(student, logprobs, indices, rest_logprob, beta: float, temperature: float) -> torch.Tensor:
+    """The divergence over the teacher's k buckets, plus the rest bucket when k < V."""
+    z = student / temperature  # (n, V)
+    lse = kernels.logsumexp(z)  # (n,)
+    student_logp = z.gather(-1, indices) - lse[:, None]  # (n, k)
+    teacher_logp = upcast(logprobs)
+    if indices.shape[-1] < z.shape[-1]:
+        student_rest = kernels.logsumexp(z.scatter(-1, indices, -math.inf)) - lse  # (n,)
+        student_logp = torch.cat([student_logp, student_rest[:, None]], -1)  # (n, k + 1)
+        teacher_logp = torch.cat([teacher_logp, upcast(rest_logprob)[:, None]], -1)  # (n, k + 1)
+    return divergence(student_logp, teacher_logp, beta)
+
+
+def generalized_jsd(student: Logits, teacher: Logits | SparseTeacher, beta: float = 0.5,
+                    temperature: float = 1.0, mask: torch.Tensor | None = None, scale_t2: bool = False,
+                    reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Distillation loss JSD_beta(p_teacher, q_student) per token at temperature T (module docstring),
+    times T^2 when scale_t2. student: logits [..., V] or a Head; teacher: logits, a Head (projected
+    chunk by chunk, never differentiated) or a SparseTeacher built at the same temperature."""
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scale = temperature ** 2 if scale_t2 else 1.0
+    if isinstance(teacher, SparseTeacher):
+        if teacher.temperature != temperature:
+            raise ValueError(f"the sparse teacher was built at temperature {teacher.temperature}, "
+                             f"the loss asks for {temperature}: rebuild it (the rest bucket cannot be re-tempered)")
+        rows = (teacher.logprobs, teacher.indices, teacher.rest_logprob)
+        token_fn = lambda z, *t: scale * _sparse_rows(z, *t, beta, temperature)  # noqa: E731
+    else:
+        if teacher.shape[-1] != student.shape[-1]:
+            raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {student.shape[-1]}: "
+                             "slice both heads to the shared tokenizer's ids")
+        rows = (teacher,)
+        token_fn = lambda z, t: scale * _dense_rows(z, t, beta, temperature)  # noqa: E731
+    return reduce_tokens(token_fn, student, _detached(rows), mask=mask, reduction=reduction, chunk_size=chunk_size)
+
+
+def forward_kl(student: Logits, teacher: Logits | SparseTeacher, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, scale_t2: bool = False, reduction: str = "mean",
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """KL(p_teacher || q_student) per token (Hinton et al. 2015): generalized_jsd at beta = 0."""
+    return generalized_jsd(student, teacher, 0.0, temperature, mask, scale_t2, reduction, chunk_size)
+
+
+def reverse_kl(student: Logits, teacher: Logits | SparseTeacher, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, scale_t2: bool = False, reduction: str = "mean",
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """KL(q_student || p_teacher) per token (MiniLLM, Gu et al. 2024): generalized_jsd at beta = 1."""
+    return generalized_jsd(student, teacher, 1.0, temperature, mask, scale_t2, reduction, chunk_size)
+
+
+def _detached(rows):
+    """The teacher is a constant: cut it from any graph it came with."""
+    return tuple(Head(r.hidden.detach(), r.weight.detach()) if isinstance(r, Head) else r.detach() for r in rows)
