@@ -2,15 +2,22 @@
 
 Every op takes logits (N, V) of any vocabulary size V and dtype (bf16/fp16/fp32), computes in fp32,
 returns fp32 per-row values (no reduction: losses/ masks and normalises) and is differentiable with
-respect to the (student) logits.
+respect to the (student) logits. Each op lives in kernels/<op>.py as Triton kernels, an
+autograd.Function and a `<op>_reference` in plain torch; this module picks one per call:
+the Triton path for CUDA tensors when Triton imports, the reference otherwise (CPU, macOS).
 """
 import torch
 
-from kernels.kl_div import kl_div_reference
-from kernels.log_softmax import log_softmax_reference, logsumexp_reference
-from kernels.token_logprobs import cross_entropy_reference, token_logprobs_reference
+from kernels.kl_div import KLDiv, kl_div_reference
+from kernels.log_softmax import LogSoftmax, LogSumExp, log_softmax_reference, logsumexp_reference
+from kernels.online_softmax import HAS_TRITON
+from kernels.token_logprobs import TokenLogprobs, cross_entropy_reference, token_logprobs_reference
 
-__all__ = ["log_softmax", "logsumexp", "cross_entropy", "token_logprobs", "kl_div"]
+__all__ = ["HAS_TRITON", "log_softmax", "logsumexp", "cross_entropy", "token_logprobs", "kl_div"]
+
+
+def _use_triton(logits: torch.Tensor) -> bool:
+    return HAS_TRITON and logits.is_cuda
 
 
 def _check(logits: torch.Tensor, temperature: float = 1.0) -> None:
@@ -28,12 +35,16 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
 def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T) per row: (N, V) -> fp32 (N, V)."""
     _check(logits, temperature)
+    if _use_triton(logits):
+        return LogSoftmax.apply(logits, temperature)
     return log_softmax_reference(logits, temperature)
 
 
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """log Σ_j exp(logits_j) per row: (N, V) -> fp32 (N,)."""
     _check(logits)
+    if _use_triton(logits):
+        return LogSumExp.apply(logits)
     return logsumexp_reference(logits)
 
 
@@ -42,6 +53,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """log softmax(logits / T)[target] per row: (N, V), (N,) -> fp32 (N,); 0 at ignore_index rows."""
     _check(logits, temperature)
     _check_targets(logits, targets)
+    if _use_triton(logits):
+        return TokenLogprobs.apply(logits, targets, temperature, ignore_index)
     return token_logprobs_reference(logits, targets, temperature, ignore_index)
 
 
@@ -49,6 +62,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """-log softmax(logits)[target] per row: (N, V), (N,) -> fp32 (N,); 0 at ignore_index rows."""
     _check(logits)
     _check_targets(logits, targets)
+    if _use_triton(logits):
+        return -TokenLogprobs.apply(logits, targets, 1.0, ignore_index)
     return cross_entropy_reference(logits, targets, ignore_index)
 
 
@@ -60,4 +75,6 @@ def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} must have the same shape")
+    if _use_triton(student_logits):
+        return KLDiv.apply(student_logits, teacher_logits, temperature, reverse)
     return kl_div_reference(student_logits, teacher_logits, temperature, reverse)

@@ -1,12 +1,19 @@
-"""kernels/: plain-torch references against independent torch ops, in value and gradient."""
+"""kernels/: the plain-torch references against independent torch ops, the Triton kernels (in
+Triton's CPU interpreter) against the references, and the dispatcher; values and gradients."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.kl_div import kl_div_reference
-from kernels.log_softmax import log_softmax_reference, logsumexp_reference
-from kernels.token_logprobs import cross_entropy_reference, token_logprobs_reference
+from kernels.kl_div import KLDiv, kl_div_reference
+from kernels.log_softmax import LogSoftmax, LogSumExp, log_softmax_reference, logsumexp_reference
+from kernels.online_softmax import HAS_TRITON
+from kernels.token_logprobs import TokenLogprobs, cross_entropy_reference, token_logprobs_reference
 
 
 def _logits(n: int, v: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -38,8 +45,7 @@ def _assert_match(fn, ref, x, atol=1e-5, rtol=1e-5):
     torch.testing.assert_close(grad, grad_ref, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("n,v", [(3, 1000), (2, 4099), (2, 151936)])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("n,v,temperature", [(3, 1000, 1.0), (2, 4099, 0.7), (2, 151936, 1.3)])
 def test_log_softmax_reference(n, v, temperature):
     _assert_match(lambda x: log_softmax_reference(x, temperature),
                   lambda x: torch.log_softmax(x / temperature, dim=-1), _logits(n, v))
@@ -65,19 +71,30 @@ def test_token_logprobs_reference(temperature):
                   _logits(4, 4099))
 
 
+def _torch_kl(teacher: torch.Tensor, temperature: float, reverse: bool):
+    """Per-row KL from F.kl_div, which computes KL(target ‖ input) for log-probability input."""
+    p = torch.softmax(teacher / temperature, -1)
+
+    def kl(student: torch.Tensor) -> torch.Tensor:
+        log_q = torch.log_softmax(student / temperature, -1)
+        if reverse:
+            return F.kl_div(torch.log(p), log_q, log_target=True, reduction="none").sum(-1)
+        return F.kl_div(log_q, p, reduction="none").sum(-1)   # xlogy form: p = 0 terms give 0
+    return kl
+
+
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("n,v,temperature", [(4, 1000, 1.0), (3, 4099, 2.0), (2, 151936, 0.8)])
+@pytest.mark.parametrize("n,v,temperature", [(4, 1000, 1.0), (2, 151936, 2.0)])
 def test_kl_div_reference(n, v, temperature, reverse):
     teacher = _logits(n, v, seed=5).detach()
-    log_p = torch.log_softmax(teacher / temperature, -1)
+    _assert_match(lambda x: kl_div_reference(x, teacher, temperature, reverse),
+                  _torch_kl(teacher, temperature, reverse), _logits(n, v))
 
-    def torch_kl(x):
-        log_q = torch.log_softmax(x / temperature, -1)
-        if reverse:   # F.kl_div(input, target) = KL(target ‖ input) with log-space target
-            return F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
-        return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
 
-    _assert_match(lambda x: kl_div_reference(x, teacher, temperature, reverse), torch_kl, _logits(n, v))
+def test_kl_div_reference_teacher_masked_with_minus_inf():
+    teacher = _logits(3, 1000, seed=5).detach()
+    teacher[:, 500:] = float("-inf")   # p = 0 there: those terms count 0 (0 log 0 = 0)
+    _assert_match(lambda x: kl_div_reference(x, teacher, 1.5), _torch_kl(teacher, 1.5, False), _logits(3, 1000))
 
 
 def test_kl_div_teacher_gets_no_gradient():
@@ -109,3 +126,124 @@ def test_dispatcher_rejects_bad_shapes():
         kernels.kl_div(x, _logits(3, 11))
     with pytest.raises(ValueError, match="temperature"):
         kernels.token_logprobs(x, torch.zeros(3, dtype=torch.long), temperature=0.0)
+
+
+def test_kernels_import_and_run_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"      # makes `import triton` raise ImportError
+            "import torch, kernels\n"
+            "x = torch.randn(3, 50, requires_grad=True)\n"
+            "kernels.cross_entropy(x, torch.tensor([1, -100, 7])).sum().backward()\n"
+            "assert not kernels.HAS_TRITON and x.grad.abs().sum() > 0\n")
+    child = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dispatcher_runs_triton_on_cuda(dtype):
+    n, v = 4, 151936
+    x = _logits(n, v, dtype).detach().cuda().requires_grad_()
+    t, y = _targets(n, v, ignore_rows=[1]).cuda(), _logits(n, v, seed=3).detach().cuda()
+    calls = [(kernels.log_softmax, log_softmax_reference, (0.7,)), (kernels.logsumexp, logsumexp_reference, ()),
+             (kernels.cross_entropy, cross_entropy_reference, (t,)),
+             (kernels.token_logprobs, token_logprobs_reference, (t, 1.3)),
+             (kernels.kl_div, kl_div_reference, (y, 2.0)), (kernels.kl_div, kl_div_reference, (y, 0.8, True))]
+    for op, ref, args in calls:
+        assert op(x, *args).grad_fn.name().endswith("Backward"), "the CUDA path must be the autograd.Function"
+        _assert_match(lambda z: op(z, *args), lambda z: ref(z, *args), x, atol=1e-4, rtol=1e-4)
+
+
+# ---- Triton kernels under Triton's CPU interpreter -------------------------------------------------
+# The interpreter is chosen when `triton` is first imported (tl.max & co. are @triton.jit functions
+# too), and all test files share one process that must keep compiled kernels. So these tests run
+# in a child process started with TRITON_INTERPRET=1 (test_triton_kernels_under_interpreter); in
+# the parent they are skipped with that reason. `TRITON_INTERPRET=1 pytest tests/test_kernels.py`
+# runs them directly.
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_triton_kernels_under_interpreter():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: only the references can be tested")
+    if INTERPRETED:
+        pytest.skip("this process already interprets the Triton kernels")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-o", "addopts=", "-p", "no:cacheprovider",
+               "-k", "TestTritonInterpreted"]
+    child = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-2000:]
+
+
+# op -> (Triton call, reference call) given targets t (one row ignore_index) and teacher logits y.
+# Temperatures ≠ 1 wherever the op takes one.
+TRITON_CASES = {
+    "logsumexp": lambda t, y: (LogSumExp.apply, logsumexp_reference),
+    "log_softmax": lambda t, y: (lambda x: LogSoftmax.apply(x, 0.7), lambda x: log_softmax_reference(x, 0.7)),
+    "token_logprobs": lambda t, y: (lambda x: TokenLogprobs.apply(x, t, 1.3, -100),
+                                    lambda x: token_logprobs_reference(x, t, 1.3)),
+    "cross_entropy": lambda t, y: (lambda x: -TokenLogprobs.apply(x, t, 1.0, -100),   # as kernels.cross_entropy
+                                   lambda x: cross_entropy_reference(x, t)),
+    "kl_forward": lambda t, y: (lambda x: KLDiv.apply(x, y, 2.0, False), lambda x: kl_div_reference(x, y, 2.0)),
+    "kl_reverse": lambda t, y: (lambda x: KLDiv.apply(x, y, 0.8, True),
+                                lambda x: kl_div_reference(x, y, 0.8, reverse=True)),
+}
+FP32 = dict(atol=1e-5, rtol=1e-5)
+
+
+def _check_triton(op, x, grad_tol=FP32):
+    t = _targets(x.shape[0], x.shape[1], ignore_rows=[1])
+    y = _logits(x.shape[0], x.shape[1], torch.bfloat16, seed=7).detach()   # teacher in another dtype
+    fn, ref = TRITON_CASES[op](t, y)
+    before = x.detach().clone()
+    out, grad = _value_and_grad(fn, x)
+    out_ref, grad_ref = _value_and_grad(ref, x)
+    assert out.dtype == torch.float32 and grad.dtype == x.dtype
+    torch.testing.assert_close(out, out_ref, **FP32)
+    torch.testing.assert_close(grad, grad_ref, **grad_tol)
+    assert torch.equal(x.detach(), before), "the kernel wrote into its input"
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process of "
+                                            "test_triton_kernels_under_interpreter")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # -inf - -inf in masked lanes
+class TestTritonInterpreted:
+    @pytest.mark.parametrize("v", [1000, 4099, 32000])
+    @pytest.mark.parametrize("op", list(TRITON_CASES))
+    def test_fp32_matches_reference(self, op, v):
+        _check_triton(op, _logits(3, v))
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("op", list(TRITON_CASES))
+    def test_half_matches_reference(self, op, dtype):
+        # Both sides upcast the same half logits and do fp32 math, so outputs agree to fp32 rounding;
+        # gradients are rounded once to the half dtype, so they agree to its resolution.
+        _check_triton(op, _logits(3, 4099, dtype), grad_tol={})
+
+    def test_strided_rows_and_broadcast_gradient(self):
+        x = _logits(3, 5000).detach()[:, :4099].requires_grad_()   # row stride 5000 ≠ V
+        out = LogSoftmax.apply(x, 1.0)
+        out.sum().backward()                                       # all-ones gradient, stride 0
+        torch.testing.assert_close(out, torch.log_softmax(x.detach(), -1), **FP32)
+        torch.testing.assert_close(x.grad, 1 - 4099 * torch.softmax(x.detach(), -1), **FP32)
+
+    def test_minus_inf_logits(self):
+        x = _logits(2, 4099).detach()
+        x[0, :4096] = float("-inf")                                # row 0's whole first tile is masked
+        x[1, ::3] = float("-inf")
+        t = torch.tensor([4097, 1])
+        _assert_match(lambda z: TokenLogprobs.apply(z, t, 1.0, -100),
+                      lambda z: torch.log_softmax(z, -1).gather(1, t[:, None])[:, 0], x)
+        torch.testing.assert_close(LogSumExp.apply(x), torch.logsumexp(x, -1), **FP32)
+
+    def test_kl_teacher_masked_with_minus_inf(self):
+        teacher = _logits(3, 1000, seed=5).detach()
+        teacher[:, 500:] = float("-inf")
+        _assert_match(lambda x: KLDiv.apply(x, teacher, 1.5, False), _torch_kl(teacher, 1.5, False),
+                      _logits(3, 1000))
+
+    def test_target_outside_vocab_gives_nan(self):
+        out = TokenLogprobs.apply(_logits(2, 1000), torch.tensor([1000, 3]), 1.0, -100)
+        assert out[0].isnan() and out[1].isfinite()
