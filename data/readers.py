@@ -40,13 +40,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
 
 
-def require(record: dict, field: str, kind: type, where: str):
+def require(record: dict, field: str, kind: type | tuple[type, ...], where: str):
     """record[field], checked to exist and to be of `kind`; `where` is "path:lineno"."""
     if field not in record:
         raise ValueError(f"{where}: field '{field}' missing")
     value = record[field]
     if not isinstance(value, kind):
-        raise ValueError(f"{where}: field '{field}' must be {kind.__name__}, got {type(value).__name__}")
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: field '{field}' must be {expected}, got {type(value).__name__}")
     return value
 
 

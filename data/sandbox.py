@@ -6,9 +6,9 @@ Each program runs in its own `python -I` subprocess (never `exec` in the caller)
     also caps its stdout/stderr: both go to files in its directory), process count (RLIMIT_NPROC);
   * a fresh temporary working directory, removed afterwards; closed stdin; an environment that
     holds only PATH/LANG/HOME, so none of the parent's variables (tokens, keys) leak in;
-  * a light "reliability guard" (after HumanEval's): os.kill, os.fork, os.system, os.remove,
-    subprocess.Popen, shutil.rmtree ... are set to None. Defence in depth only: `import posix`
-    undoes it. The process and rlimit isolation is the boundary.
+  * a light "reliability guard" (after HumanEval's): os.kill, os.fork, os.system, os.remove ...
+    are set to None, which also disables shutil.rmtree. Defence in depth only: `import posix` or
+    `subprocess` get around it. The process and rlimit isolation is the boundary.
 
 Root. Linux never applies RLIMIT_NPROC to uid 0, and a root child could signal its parent or
 delete any file. So when the grader runs as root, every program runs under its own unprivileged
@@ -48,19 +48,23 @@ SANDBOX_UIDS = range(64000, 64256)  # a block below 65534 (nobody) so it exists 
 OUTPUT_KEPT = 4096  # characters of stdout/stderr kept in a SandboxResult
 
 # Runs inside the child before the program: lower the rlimits (hard = soft, so the program cannot
-# raise them again), disable the dangerous helpers, then run the program as __main__.
+# raise them again), disable the dangerous os helpers, then run the program as __main__. Only
+# modules the interpreter has already loaded are touched: importing more (runpy, subprocess, shutil)
+# would double the start-up time of every program.
 BOOTSTRAP = """
-import os, resource, runpy, shutil, subprocess, sys
+import os, resource, sys
 path, cpu, memory, nproc, fsize = sys.argv[1], *map(int, sys.argv[2:])
 for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory),
                      (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, fsize)):
     resource.setrlimit(limit, (value, value))
-for name in ("kill", "killpg", "fork", "forkpty", "system", "putenv", "remove", "unlink", "rmdir",
-             "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown", "setuid"):
+for name in ("kill", "killpg", "fork", "forkpty", "system", "popen", "execv", "execve", "spawnv", "putenv",
+             "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
+             "chmod", "chown", "setuid"):
     setattr(os, name, None)
-shutil.rmtree = shutil.move = shutil.chown = subprocess.Popen = None
 sys.argv = [path]
-runpy.run_path(path, run_name="__main__")
+with open(path) as f:
+    code = compile(f.read(), path, "exec")
+exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
 """
 
 
@@ -196,11 +200,16 @@ def _kill_group(pgid: int):
         pass
 
 
+def default_workers() -> int:
+    """Two programs per core: each spends part of its life starting up and being cleaned up."""
+    return 2 * (os.cpu_count() or 1)
+
+
 def run_many(sources: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[SandboxResult]:
-    """run_program over many sources, `workers` at a time (default: one per CPU core), in input order.
+    """run_program over many sources, `workers` at a time (default: default_workers()), in input order.
 
     Threads suffice: each only waits on its subprocess.
     """
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda source: run_program(source, limits), sources))

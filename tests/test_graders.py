@@ -100,10 +100,10 @@ def test_math_works_in_worker_threads():
 def test_humaneval_canonical_solutions_pass_and_stub_bodies_fail():
     rows = load_humaneval(shared_data("humaneval/HumanEval.jsonl.gz"))
     references = [r["reference"] for r in rows]
-    canonical = grade_batch("code", [r["canonical_solution"] for r in rows], references, workers=4)
+    canonical = grade_batch("code", [r["canonical_solution"] for r in rows], references)
     failed = [(r["task_id"], g.note) for r, g in zip(rows, canonical) if g.score != 1.0]
     assert failed == []
-    stubs = grade_batch("code", ["    pass\n"] * len(rows), references, workers=4)
+    stubs = grade_batch("code", ["    pass\n"] * len(rows), references)
     passed = [r["task_id"] for r, g in zip(rows, stubs) if g.score != 0.0]
     assert passed == []
     assert stubs[0].note.startswith("failed: AssertionError") or "Error" in stubs[0].note

@@ -1,16 +1,31 @@
 """HumanEval-format code grader (Chen et al. 2021, "Evaluating Large Language Models Trained on Code").
 
-The program is `prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"`, the layout of the
-HumanEval harness, run in the subprocess sandbox. It passes (score 1.0) only when it runs to its
-last line within the limits: see data/sandbox.py for why exit status 0 alone is not enough.
+The program is `prompt + code + "\\n" + test + "\\ncheck(entry_point)\\n"`, the layout of the
+HumanEval harness, run in the subprocess sandbox. `code` is the completion itself (a base model
+continues the function body), or the first fenced ```python block of a chat reply; a block that
+repeats the whole `def` still works, since the prompt's own def (docstring only) is valid Python
+and the block's def replaces it. The program passes (score 1.0) only when it runs to its last line
+within the limits: see data/sandbox.py for why exit status 0 alone is not enough.
 """
+import re
+
 from data.graders import Grade
 from data.sandbox import Limits, SandboxResult, run_many, run_program
 
 
+FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_code(completion: str) -> str:
+    """The code a completion means: its first fenced block when it has one, else all of it."""
+    match = FENCE.search(completion)
+    return match.group(1) if match else completion
+
+
 def build_program(completion: str, reference: dict) -> str:
     """The test program for a completion of reference's prompt (reference: a HumanEval row)."""
-    return f"{reference['prompt']}{completion}\n{reference['test']}\ncheck({reference['entry_point']})\n"
+    code = extract_code(completion)
+    return f"{reference['prompt']}{code}\n{reference['test']}\ncheck({reference['entry_point']})\n"
 
 
 def _to_grade(result: SandboxResult) -> Grade:

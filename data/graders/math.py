@@ -10,8 +10,6 @@ math_verify (Hugging Face) parses both LaTeX answers into sympy and compares the
 import re
 import threading
 
-from math_verify import LatexExtractionConfig, parse, verify
-
 from data.graders import Grade
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\b")
@@ -43,16 +41,15 @@ def normalize(answer: str) -> str:
     return answer.rstrip(".")
 
 
-def _parse(answer: str, timeout: int | None):
-    """math_verify parse of a bare LaTeX answer (wrapped in \\boxed{} so it is taken whole)."""
-    return parse(f"\\boxed{{{answer}}}", extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
-
-
 def equivalent(answer: str, reference: str) -> tuple[bool, str]:
     """(answer == reference, note): symbolic via math_verify, else normalised string match."""
+    # Imported here: math_verify loads sympy (seconds), which the other graders never need.
+    from math_verify import LatexExtractionConfig, parse, verify
+
     timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    try:
-        gold, pred = _parse(reference, timeout), _parse(answer, timeout)
+    try:  # each answer is wrapped in \boxed{} so that math_verify takes it whole
+        gold, pred = (parse(f"\\boxed{{{text}}}", extraction_config=[LatexExtractionConfig()], parsing_timeout=timeout)
+                      for text in (reference, answer))
         if gold and pred:
             return verify(gold, pred, timeout_seconds=timeout), "math_verify"
         reason = "math_verify could not parse the " + ("reference" if not gold else "answer")
