@@ -6,7 +6,8 @@
 
 Tasks: gsm8k, math (MATH-500), humaneval, and the embedded synthetic (GSM8K format) and
 synthetic-code (HumanEval format) tasks. Each names a loader (data/readers.py), a grader
-(data/graders/) and a prompt template (data/templates.py).
+(data/graders/) and a prompt template (data/templates.py). Styles: "chat" (ChatML, for instruct
+and our SFT models) and "fewshot" (plain text for base models; code tasks then use the raw prompt).
 
 Metrics over n samples per problem (data/passk.py): pass@k, the unbiased estimator of Chen et al.
 2021, for k = 1, 2, 4, ... < n and n (pass@1 is the mean score over all samples), and maj@k
@@ -54,9 +55,24 @@ TASKS = {
 }
 
 
+# A base model (fewshot style) continues a code prompt as code, the Codex protocol (Chen et al. 2021):
+# the raw HumanEval prompt, the completion cut where a line at column 0 leaves the function body.
+CODE_STOP_STRINGS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+def raw_code_prompt(task: str, style: str) -> bool:
+    return style == "fewshot" and TASKS[task].grader == "code"
+
+
 def render_prompts(tokenizer: Tokenizer, rows: list[dict], task: str, style: str) -> list[str]:
     spec = TASKS[task]
+    if raw_code_prompt(task, style):
+        return [row["prompt"] for row in rows]
     return [render_prompt(tokenizer, row[spec.question], style, task=spec.template) for row in rows]
+
+
+def stop_strings(task: str, style: str) -> tuple[str, ...]:
+    return CODE_STOP_STRINGS if raw_code_prompt(task, style) else STOP_STRINGS[style]
 
 
 def sample(model, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams, batch_size: int | None,
@@ -74,9 +90,10 @@ def sample(model, tokenizer: Tokenizer, prompts: list[str], params: SamplingPara
     return completions
 
 
-def graded_text(completion: str, style: str) -> str:
+def graded_text(completion: str, task: str, style: str) -> str:
     """The completion as graded: fewshot answers follow "Answer:" after the space format_completion adds."""
-    return completion[1:] if style == "fewshot" and completion.startswith(" ") else completion
+    templated_fewshot = style == "fewshot" and not raw_code_prompt(task, style)
+    return completion[1:] if templated_fewshot and completion.startswith(" ") else completion
 
 
 def score(rows: list[dict], task: str, completions: list[list[str]], workers: int | None = None) -> tuple[list[dict], dict]:
@@ -116,12 +133,15 @@ def evaluate(model, tokenizer: Tokenizer, rows: list[dict], task: str, params: S
              progress: bool = True) -> dict:
     """Generate params.n completions per row, grade them, write out_dir (if given); return the summary.
 
-    The template's stop strings for `style` are added to params.stop_strings.
+    The stop strings of the prompt format are added to params.stop_strings.
     """
+    if not rows:
+        raise ValueError("evaluate: no rows to evaluate")
     prompts = render_prompts(tokenizer, rows, task, style)
-    params = replace(params, stop_strings=tuple(dict.fromkeys(params.stop_strings + STOP_STRINGS[style])))
+    params = replace(params, stop_strings=tuple(dict.fromkeys(params.stop_strings + stop_strings(task, style))))
     completions = sample(model, tokenizer, prompts, params, batch_size, progress)
-    texts = [[graded_text(c.text, style) for c in completions[i * params.n:(i + 1) * params.n]] for i in range(len(rows))]
+    texts = [[graded_text(c.text, task, style) for c in completions[i * params.n:(i + 1) * params.n]]
+             for i in range(len(rows))]
     records, summary = score(rows, task, texts, workers)
     for record, completion in zip(records, completions):
         record["prompt"] = prompts[completion.prompt_index]

@@ -1,6 +1,7 @@
 """Run untrusted, model-written Python programs in separate, resource-limited processes.
 
-Each program runs in its own `python -I` subprocess (never `exec` in the caller) with:
+Each program runs in its own Python subprocess (never `exec` in the caller), started with `-I`
+(isolated mode: no user site, no PYTHON* variables) and a short BOOTSTRAP that applies the limits:
   * wall-clock timeout; on expiry the whole process group is SIGKILLed;
   * rlimits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE, which
     also caps its stdout/stderr: both go to files in its directory), process count (RLIMIT_NPROC);
@@ -10,16 +11,17 @@ Each program runs in its own `python -I` subprocess (never `exec` in the caller)
     are set to None, which also disables shutil.rmtree. Defence in depth only: `import posix` or
     `subprocess` get around it. The process and rlimit isolation is the boundary.
 
-Root. Linux never applies RLIMIT_NPROC to uid 0, and a root child could signal its parent or
-delete any file. So when the grader runs as root, every program runs under its own unprivileged
-uid taken from a pool (SANDBOX_UIDS, skipping uids that name real users): the process-count limit
-then holds, the program cannot touch root's files or processes, and after the run a reaper
-process with that uid sends SIGKILL to every process of the uid (`kill(-1)`), which also catches
-children that escaped the process group with setsid(). The unprivileged uid cannot enter /root, so
-the interpreter is the first python3 on SYSTEM_PATH that every user can execute (e.g. /usr/bin),
-unless the current one already is. As a non-root user, programs run under that user: RLIMIT_NPROC
-counts all of the user's processes, the guard is the only thing between a determined program and
-the user's files and processes, and cleanup is the process-group kill.
+Root. Linux never applies RLIMIT_NPROC to uid 0, and a root child could signal its parent, read
+its /proc/<pid>/environ or delete any file. So when the grader runs as root, each program runs
+under its own unprivileged uid from a pool (SANDBOX_UIDS, minus uids that name real accounts):
+the process-count limit then holds, and the program cannot touch root's files or processes. After
+the run every live process of that uid is SIGKILLed, which also catches children that left the
+process group with setsid(). The unprivileged uid may not be able to reach the grader's own
+interpreter (e.g. under /root, mode 700), so the programs then run on the first python3 on
+SYSTEM_PATH that every user can execute (standard library only, maybe another Python version).
+As a non-root user, programs run as that user: RLIMIT_NPROC counts all of the user's processes
+(so it still caps a fork bomb), but only the guard stands between a determined program and the
+user's files and processes, and cleanup is the process-group kill.
 
 Passing. Exit status 0 alone proves nothing: `sys.exit(0)` or `os._exit(0)` before the asserts
 also exits 0. `run_program` therefore appends a line that prints a random per-run nonce and counts
@@ -27,6 +29,7 @@ the program as `completed` only when it exits 0 AND the nonce is on its stdout, 
 reached the last line. A program that deliberately reads its own source could still print the
 nonce; this guards against early exits, not against a model written to cheat the checker.
 """
+import functools
 import math
 import os
 import pwd
@@ -92,6 +95,7 @@ def _world_executable(path: str) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
 
 
+@functools.cache
 def _find_interpreter() -> str:
     """The interpreter for sandboxed programs (see the module docstring: the root case)."""
     if os.geteuid() != 0 or _world_executable(sys.executable):

@@ -99,6 +99,16 @@ def test_grade_only_code_task(tmp_path):
     assert "maj@1" not in summary  # code has no extracted answer to vote on
 
 
+def test_prompt_formats_and_graded_text():
+    assert evaluation.stop_strings("humaneval", "fewshot") == evaluation.CODE_STOP_STRINGS
+    assert evaluation.stop_strings("gsm8k", "fewshot") == ("\n\nQuestion:",)
+    assert evaluation.stop_strings("humaneval", "chat") == ()
+    # fewshot answers follow "Answer:" after a space; raw code continuations keep their indentation
+    assert evaluation.graded_text(" 3 + 4 = 7\n#### 7", "gsm8k", "fewshot") == "3 + 4 = 7\n#### 7"
+    assert evaluation.graded_text("    return x\n", "humaneval", "fewshot") == "    return x\n"
+    assert evaluation.graded_text(" x", "gsm8k", "chat") == " x"
+
+
 # ---- evaluate() with a tiny random model ----
 
 @pytest.fixture(scope="module")
@@ -137,10 +147,13 @@ def test_main_with_model_and_code_task(tiny, tmp_path):
     """main() loads the saved checkpoint and tokenizer (check_vocab included) and grades in the sandbox."""
     _, _, paths, model_dir = tiny
     summary = evaluation.main(["--model", str(model_dir), "--task", "synthetic-code", "--data", str(paths["code"]),
-                               "--max-new-tokens", "4", "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path)])
+                               "--max-new-tokens", "4", "--batch-size", "1", "--device", "cpu", "--style", "fewshot",
+                               "--out", str(tmp_path)])
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["problems"] == 2 and summary["samples_per_problem"] == 1 and 0.0 <= summary["pass@1"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["Synthetic/0", "Synthetic/1"]
+    # Base-model code prompts are the raw function prompt (Codex protocol), not "Question: ...".
+    assert [r["prompt"] for r in records] == [row["prompt"] for row in load_humaneval(paths["code"])]
     with pytest.raises(SystemExit):  # n > 1 identical greedy samples is refused
         evaluation.parse_args(["--model", "m", "--task", "gsm8k", "--data", "d", "--n-samples", "4"])
