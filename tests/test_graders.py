@@ -106,7 +106,7 @@ def test_humaneval_canonical_solutions_pass_and_stub_bodies_fail():
     stubs = grade_batch("code", ["    pass\n"] * len(rows), references)
     passed = [r["task_id"] for r, g in zip(rows, stubs) if g.score != 0.0]
     assert passed == []
-    assert stubs[0].note.startswith("failed: AssertionError") or "Error" in stubs[0].note
+    assert stubs[0].note == "failed: AssertionError"  # HumanEval/0: None == True fails the first assert
 
 
 def test_registry_and_batch_length_check():
