@@ -82,9 +82,19 @@ def test_last_boxed_nesting_fbox_and_unbalanced():
     assert math.grade("no box, just 5", "5") == Grade(0.0, None, "no \\boxed{} answer")
 
 
-def test_math_falls_back_to_string_match_when_unparseable():
-    grade = math.grade("\\boxed{\\text{(C)}}", "\\text{(C)}")
-    assert grade.score == 1.0 and grade.extracted == "\\text{(C)}"
+def test_math_falls_back_to_string_match_when_math_verify_fails(monkeypatch):
+    import math_verify
+
+    def broken(*args, **kwargs):
+        raise RecursionError("sympy blew up")
+    monkeypatch.setattr(math_verify, "parse", broken)
+    assert math.grade("\\boxed{\\dfrac{1}{2}}", "\\frac12") == Grade(
+        0.0, "\\dfrac{1}{2}", "math_verify failed: RecursionError; string match")
+    assert math.grade("\\boxed{ \\left(1,2\\right) }", "(1, 2)").score == 1.0  # normalised strings agree
+
+
+def test_math_empty_box_is_wrong_not_an_error():
+    assert math.grade("\\boxed{}", "5").score == 0.0
 
 
 def test_math_works_in_worker_threads():
