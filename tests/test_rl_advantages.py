@@ -58,6 +58,7 @@ def test_bad_inputs():
 
 
 def _rank_worker(rank, init_file, rewards, out_dir):
+    torch.set_num_threads(1)  # the forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     shard = rewards.chunk(2)[rank]  # whole groups per rank, as rl/rollout.py shards them
     result = {mode: group_advantages(shard, mode) for mode in ("group", "batch", "none")}

@@ -1,0 +1,213 @@
+"""GRPO: one policy update on a batch of rollouts (DeepSeekMath, Shao et al. 2024, arXiv:2402.03300).
+
+A step of the RL stage reads:
+
+    batch = next(rollout_batches(...))                 # rl/rollout.py: G samples per prompt
+    metrics = grpo_step(policy, ref, opt, batch, reward_fns, cfg)
+        rewards    = compute_rewards(...)              # rl/rewards.py
+        advantages = group_advantages(...)             # rl/advantages.py
+        grpo_update(...)                               # mu optimizer steps on the same rollouts
+
+What is kept from GRPO, and what is not:
+- kept: group-relative advantages (no value network), the PPO-clipped importance ratio, mu
+  iterations over one rollout batch, an optional KL penalty to a frozen reference in the loss (k3, as
+  in DeepSeekMath, or k1);
+- knobs from later work: std scaling "group" | "batch" | "none" (Dr. GRPO, Liu et al. 2025,
+  arXiv:2503.20783, drops it), clip-higher eps_high, token-level "dapo" and constant "dr_grpo"
+  aggregation, zero-variance group filtering and masking of truncated completions (DAPO, Yu et al.
+  2025, arXiv:2503.14476);
+- dropped: process supervision, iterative reward-model retraining, DAPO's re-sampling to refill
+  filtered groups (filtered groups are masked out, not replaced).
+
+beta = 0 (the default, as in DAPO and Dr. GRPO) keeps no reference model at all.
+
+Normalisation: every micro-batch's loss is a SUM divided by the GLOBAL normaliser of the whole
+rollout batch on all ranks (rl/policy_loss.py), all-reduced once before the first backward, so the
+update does not depend on micro_batch_size or on the number of ranks. The data-parallel wrapper
+(DDP, FSDP) averages gradients over ranks, so each rank scales its loss by world_size.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.generate import SamplingParams
+from rl.advantages import SCALE_MODES, all_reduce_sum, group_advantages, zero_std_groups
+from rl.policy_loss import AGGREGATIONS, KL_ESTIMATORS, normaliser, policy_loss
+from rl.rewards import RewardFn, compute_rewards
+from rl.rollout import RolloutBatch
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 8  # G completions per prompt
+    temperature: float = 1.0  # rollout sampling
+    top_p: float = 1.0
+    max_new_tokens: int = 256  # completion length limit (also the Dr. GRPO constant)
+    eps_low: float = 0.2  # ratio clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.2  # DAPO clip-higher uses 0.28
+    beta: float = 0.0  # KL penalty weight; 0 -> no reference model
+    kl_estimator: str = "k3"  # "k1" | "k3"
+    aggregation: str = "dapo"  # "grpo" | "dapo" | "dr_grpo"
+    scale_rewards: str = "group"  # "group" | "batch" | "none"
+    std_eps: float = 1e-4  # added to the std before dividing
+    filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
+    mask_truncated: bool = False  # drop completions cut at max_new_tokens (DAPO overlong filtering)
+    mu: int = 1  # optimizer steps per rollout batch; 1 = fully on-policy (ratio == 1)
+    micro_batch_size: int = 8  # sequences per forward/backward
+    chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0  # rollout sampling seed
+
+    def __post_init__(self):
+        checks = [
+            ("group_size", self.group_size >= 2, ">= 2 (a group baseline needs two samples)"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("eps_low", 0 <= self.eps_low < 1, "in [0, 1)"),
+            ("eps_high", self.eps_high >= 0, ">= 0"),
+            ("beta", self.beta >= 0, ">= 0"),
+            ("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}"),
+            ("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
+            ("scale_rewards", self.scale_rewards in SCALE_MODES, f"one of {SCALE_MODES}"),
+            ("std_eps", self.std_eps >= 0, ">= 0"),
+            ("mu", self.mu >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+            ("chunk_size", self.chunk_size >= 1, ">= 1"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"GRPOConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, n=self.group_size, seed=self.seed)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    """log softmax(hidden @ weight.T)[target] for hidden [N, d], weight [V, d], targets [N] -> fp32 [N]."""
+    logits = F.linear(hidden, weight).float()  # (N, V)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)
+
+
+def completion_logprobs(model, batch: RolloutBatch, chunk_size: int) -> torch.Tensor:
+    """log pi(o_t | prefix) of every completion slot [B, C] (0 at padding), through the hidden states
+    and the lm_head weight so the fused path never holds [B, T, V] logits."""
+    P, mask = batch.prompt_length, batch.completion_mask
+    hidden = model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # (B, P + C, d)
+    hidden = hidden[:, P - 1:-1]  # (B, C, d): position P - 1 + j predicts completion slot j
+    targets = batch.input_ids[:, P:]  # (B, C)
+    logprobs = token_logprobs(hidden[mask], unwrap(model).output_weight, targets[mask], chunk_size)  # (N,)
+    return torch.zeros(mask.shape, dtype=logprobs.dtype, device=logprobs.device).index_put((mask,), logprobs)
+
+
+def sequence_weights(batch: RolloutBatch, rewards: torch.Tensor, cfg: GRPOConfig):
+    """Advantages [B] (group-relative, rl/advantages.py) and `drop` [B]: rows left out of the loss
+    (zero-variance groups when filter_zero_std, truncated completions when mask_truncated)."""
+    grouped = rewards.view(-1, cfg.group_size)  # (P, G): rows are ordered prompt-major
+    advantages = group_advantages(grouped, cfg.scale_rewards, cfg.std_eps).view(-1)  # (B,)
+    drop = torch.zeros(len(batch), dtype=torch.bool)
+    if cfg.filter_zero_std:
+        drop |= zero_std_groups(grouped).repeat_interleave(cfg.group_size)
+    if cfg.mask_truncated:
+        drop |= batch.truncated.cpu()
+    return advantages, drop
+
+
+def _micro_batches(batch: RolloutBatch, size: int) -> list[tuple[slice, RolloutBatch]]:
+    return [(rows, batch.select(rows)) for rows in (slice(s, s + size) for s in range(0, len(batch), size))]
+
+
+@torch.no_grad()
+def _reference_logprobs(ref_model, micro, chunk_size, forward_context) -> list[torch.Tensor]:
+    with forward_context():
+        return [completion_logprobs(ref_model, mb, chunk_size) for _, mb in micro]
+
+
+def grpo_update(policy: torch.nn.Module, ref_model: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                batch: RolloutBatch, advantages: torch.Tensor, cfg: GRPOConfig, *, drop: torch.Tensor | None = None,
+                scheduler=None, forward_context: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
+    """cfg.mu optimizer steps on one rollout batch; returns this rank's metrics (means over the mu steps).
+
+    advantages [B] and drop [B] as from `sequence_weights`. `forward_context` wraps each forward
+    (e.g. `lambda: torch.autocast("cuda", torch.bfloat16)`); `scheduler` steps after each optimizer step.
+    Old log-probs: the current policy detached when mu == 1 (ratio exactly 1), the sampler's
+    temperature-1 log-probs when mu > 1 (same weights, computed before any update).
+    """
+    if (cfg.beta > 0) != (ref_model is not None):
+        raise ValueError(f"GRPOConfig.beta = {cfg.beta}: pass a reference model exactly when beta > 0")
+    device = batch.input_ids.device
+    advantages = advantages.to(device)
+    keep = batch.completion_mask if drop is None else batch.completion_mask & ~drop.to(device)[:, None]  # (B, C)
+    global_norm = all_reduce_sum(normaliser(keep, cfg.aggregation, cfg.max_new_tokens))
+    if global_norm.item() == 0:  # every sequence dropped on every rank: nothing to learn from
+        return {"skipped": 1.0}
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    scale = world / global_norm.item()  # the data-parallel wrapper averages gradients over ranks
+    micro = _micro_batches(batch, cfg.micro_batch_size)
+    ref = _reference_logprobs(ref_model, micro, cfg.chunk_size, forward_context) if cfg.beta > 0 else [None] * len(micro)
+    totals = dict.fromkeys(("loss", "clipped", "kl", "tokens", "grad_norm"), 0.0)
+    for _ in range(cfg.mu):
+        for k, (rows, mb) in enumerate(micro):
+            last = k == len(micro) - 1
+            with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
+                out = _micro_step(policy, mb, advantages[rows], keep[rows], ref[k], cfg, scale, forward_context)
+            for key in ("loss", "clipped", "kl", "tokens"):
+                totals[key] += out[key]
+        totals["grad_norm"] += optimizer_step(policy, optimizer, cfg.max_grad_norm, scheduler)
+    tokens = max(totals["tokens"], 1.0)
+    return {"loss": totals["loss"] / global_norm.item() / cfg.mu, "clip_frac": totals["clipped"] / tokens,
+            "kl": totals["kl"] / tokens, "grad_norm": totals["grad_norm"] / cfg.mu, "loss_tokens": tokens / cfg.mu}
+
+
+def _micro_step(policy, mb: RolloutBatch, advantages, keep, ref_logprobs, cfg: GRPOConfig, scale: float,
+                forward_context) -> dict:
+    """Forward, loss and backward of one micro-batch (gradients accumulate); returns its sums."""
+    with forward_context():
+        logprobs = completion_logprobs(policy, mb, cfg.chunk_size)  # (b, C)
+    old = logprobs.detach() if cfg.mu == 1 else mb.sampler_logprobs
+    out = policy_loss(logprobs, old, advantages, keep[:, :logprobs.shape[1]], eps_low=cfg.eps_low,
+                      eps_high=cfg.eps_high, aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens,
+                      ref_logprobs=ref_logprobs, beta=cfg.beta, kl_estimator=cfg.kl_estimator)
+    (out.loss_sum * scale).backward()
+    return {"loss": out.loss_sum.item(), "clipped": out.clipped_tokens.item(), "kl": out.kl_sum.item(),
+            "tokens": out.num_tokens.item()}
+
+
+def optimizer_step(policy, optimizer, max_grad_norm: float, scheduler=None) -> float:
+    """Clip the global grad norm (when max_grad_norm > 0), step, zero the grads; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return float(norm)
+
+
+def grpo_step(policy, ref_model, optimizer, batch: RolloutBatch, reward_fns: Sequence[RewardFn], cfg: GRPOConfig,
+              **update_kwargs) -> dict:
+    """Score one rollout batch, compute advantages, run `grpo_update`; returns all metrics of the step."""
+    rewards, per_fn = compute_rewards(reward_fns, batch.completions, batch.references)  # (B,), name -> (B,)
+    advantages, drop = sequence_weights(batch, rewards, cfg)
+    metrics = grpo_update(policy, ref_model, optimizer, batch, advantages, cfg, drop=drop, **update_kwargs)
+    metrics.update({f"reward/{name}": r.mean().item() for name, r in per_fn.items()})
+    metrics.update({
+        "reward": rewards.mean().item(),
+        "zero_std_frac": zero_std_groups(rewards.view(-1, cfg.group_size)).float().mean().item(),
+        "completion_len": batch.completion_mask.sum(1).float().mean().item(),
+        "truncated_frac": batch.truncated.float().mean().item(),
+    })
+    return metrics

@@ -1,0 +1,209 @@
+"""rl/grpo.py: the update equals REINFORCE on-policy, is invariant to micro-batching and to a 2-rank
+split (real gloo DDP), mu > 1 starts from the same step, and a tiny model learns a verifiable toy task."""
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from rl.grpo import GRPOConfig, grpo_step, grpo_update, sequence_weights
+from rl.rewards import RewardFn
+from rl.rollout import rollout, rollout_batches
+
+TOY = ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, rope_theta=10_000.0,
+                  max_position_embeddings=64, tie_word_embeddings=True, attention_bias=True, qk_norm=False)
+STOP_IDS = [0, 1]
+G = 4
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(TOY)
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 16, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def _batch(model, n_prompts=4, seed=0, max_new_tokens=6):
+    cfg = GRPOConfig(group_size=G, max_new_tokens=max_new_tokens, seed=seed)
+    return rollout(model, _prompts(n_prompts, seed), [None] * n_prompts, cfg.sampling_params(), STOP_IDS)
+
+
+def _rewards(batch):
+    """An arbitrary verifiable score: fraction of even tokens in the completion."""
+    return torch.tensor([sum(t % 2 == 0 for t in c.tokens) / len(c.tokens) for c in batch.completions])
+
+
+def _sgd_delta(model, batch, advantages, cfg, drop=None):
+    """-(parameter change) of one SGD(lr=1) step without clipping = the gradient grpo_update applied."""
+    trained = copy.deepcopy(model)
+    grpo_update(trained, None, torch.optim.SGD(trained.parameters(), lr=1.0), batch, advantages, cfg, drop=drop)
+    return [p0.detach() - p1.detach() for p0, p1 in zip(model.parameters(), trained.parameters())]
+
+
+def _reinforce_grads(model, batch, advantages, aggregation, max_new_tokens):
+    """Independent reference: full logits, log_softmax, -sum A_i log pi(o_it) / normaliser, autograd."""
+    model.zero_grad()
+    P = batch.prompt_length
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask)  # (B, T, V)
+    logp = logits[:, P - 1:-1].log_softmax(-1).gather(-1, batch.input_ids[:, P:, None]).squeeze(-1)  # (B, C)
+    mask = batch.completion_mask.float()
+    per_seq = (advantages[:, None] * logp * mask).sum(1)  # (B,)
+    n_tokens = mask.sum(1)
+    if aggregation == "grpo":  # mean over each sequence's tokens, then over the sequences
+        loss = -(per_seq / n_tokens).sum() / len(batch)
+    elif aggregation == "dapo":  # token sum over all tokens of the batch
+        loss = -per_seq.sum() / n_tokens.sum()
+    else:  # dr_grpo: token sum over (sequences x max_new_tokens)
+        loss = -per_seq.sum() / (len(batch) * max_new_tokens)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
+def test_on_policy_update_is_reinforce_with_group_advantages(aggregation):
+    model = _model()
+    batch = _batch(model)
+    assert len(set(batch.completion_mask.sum(1).tolist())) > 1  # ragged completions
+    rewards = _rewards(batch)
+    # Group-normalised advantages written out: (r - group mean) / (population group std + 1e-4).
+    grouped = rewards.view(-1, G)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, unbiased=False, keepdim=True) + 1e-4)).view(-1)
+    cfg = GRPOConfig(group_size=G, max_new_tokens=6, aggregation=aggregation, micro_batch_size=3, max_grad_norm=0)
+    torch.testing.assert_close(sequence_weights(batch, rewards, cfg)[0], advantages)
+    delta = _sgd_delta(model, batch, advantages, cfg)
+    expected = _reinforce_grads(model, batch, advantages, aggregation, cfg.max_new_tokens)
+    for d, e in zip(delta, expected):
+        torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_size_does_not_change_the_update():
+    model = _model(1)
+    batch = _batch(model, seed=1)
+    advantages = torch.randn(len(batch))
+    deltas = [_sgd_delta(model, batch, advantages, GRPOConfig(group_size=G, micro_batch_size=m, max_grad_norm=0))
+              for m in (1, 5, len(batch))]
+    for other in deltas[1:]:
+        for a, b in zip(deltas[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_dropped_rows_change_nothing_but_the_loss_set():
+    """filter/truncation drops act as if the rows were absent (dapo normaliser counts kept tokens only)."""
+    model = _model(2)
+    batch = _batch(model, seed=2)
+    advantages = torch.randn(len(batch))
+    drop = torch.zeros(len(batch), dtype=torch.bool)
+    drop[:G] = True  # the first group
+    cfg = GRPOConfig(group_size=G, max_grad_norm=0)
+    kept = batch.select(slice(G, len(batch)))
+    for a, b in zip(_sgd_delta(model, batch, advantages, cfg, drop), _sgd_delta(model, kept, advantages[G:], cfg)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    everything = torch.ones(len(batch), dtype=torch.bool)
+    assert grpo_update(model, None, torch.optim.SGD(model.parameters(), lr=1.0), batch, advantages, cfg,
+                       drop=everything) == {"skipped": 1.0}
+
+
+def test_sequence_weights_filters_zero_std_groups_and_truncated():
+    batch = _batch(_model(3), n_prompts=3, seed=3, max_new_tokens=3)
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    cfg = GRPOConfig(group_size=G, max_new_tokens=3, filter_zero_std=True)
+    assert sequence_weights(batch, rewards, cfg)[1].tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    cfg = GRPOConfig(group_size=G, max_new_tokens=3, mask_truncated=True)
+    assert sequence_weights(batch, rewards, cfg)[1].tolist() == batch.truncated.tolist()
+
+
+def test_mu_two_first_step_equals_on_policy_step():
+    """With mu = 2 the old log-probs are the sampler's; they equal the trainer's, so step 1 is the mu = 1 step."""
+    model = _model(4)
+    batch = _batch(model, seed=4)
+    advantages = torch.randn(len(batch))
+    after_first = []
+
+    class Snapshot:  # the scheduler hook runs after every optimizer step
+        def __init__(self, m):
+            self.m = m
+
+        def step(self):
+            after_first.append([p.detach().clone() for p in self.m.parameters()])
+
+    for mu in (1, 2):
+        trained = copy.deepcopy(model)
+        grpo_update(trained, None, torch.optim.SGD(trained.parameters(), lr=0.5), batch, advantages,
+                    GRPOConfig(group_size=G, mu=mu), scheduler=Snapshot(trained))
+    assert len(after_first) == 3
+    for a, b in zip(after_first[0], after_first[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_model_needed_exactly_when_beta_positive():
+    model = _model()
+    batch = _batch(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="reference model"):
+        grpo_update(model, None, opt, batch, torch.zeros(len(batch)), GRPOConfig(group_size=G, beta=0.1))
+    with pytest.raises(ValueError, match="reference model"):
+        grpo_update(model, _model(), opt, batch, torch.zeros(len(batch)), GRPOConfig(group_size=G))
+    metrics = grpo_update(model, copy.deepcopy(model), opt, batch, torch.zeros(len(batch)),
+                          GRPOConfig(group_size=G, beta=0.1))
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
+    with pytest.raises(ValueError, match="GRPOConfig.aggregation"):
+        GRPOConfig(aggregation="sum")
+
+
+def _ddp_worker(rank, init_file, model, batch, advantages, cfg, out_dir):
+    torch.set_num_threads(1)  # the forked child must not reuse the parent's OpenMP pool
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    rows = slice(0, len(batch) // 2) if rank == 0 else slice(len(batch) // 2, len(batch))  # whole groups
+    grpo_update(ddp, None, torch.optim.SGD(ddp.parameters(), lr=1.0), batch.select(rows), advantages[rows], cfg)
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo"])
+def test_two_ranks_equal_one_rank(aggregation):
+    """Real 2-process DDP (gloo): global normaliser and world-size scaling give the 1-process update."""
+    model = _model(5)
+    batch = _batch(model, seed=5)
+    advantages = torch.randn(len(batch))
+    cfg = GRPOConfig(group_size=G, aggregation=aggregation, micro_batch_size=3, max_grad_norm=0)
+    half = len(batch) // 2
+    assert batch.completion_mask[:half].sum() != batch.completion_mask[half:].sum()  # ranks hold unequal tokens
+    single = copy.deepcopy(model)
+    grpo_update(single, None, torch.optim.SGD(single.parameters(), lr=1.0), batch, advantages, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_ddp_worker, args=(os.path.join(tmp, "init"), model, batch, advantages, cfg, tmp),
+                           nprocs=2, start_method="fork")  # fork: no second torch import
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    for p, p0, p1 in zip(single.parameters(), *ranks):
+        torch.testing.assert_close(p0, p1)
+        torch.testing.assert_close(p0, p.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_model_learns_toy_task():
+    """Verifiable toy task: answer every prompt with token 7. Chance is ~1/16; GRPO must take the mean
+    reward from < 0.3 to > 0.9 within 25 steps (seeded, deterministic), with mu = 2, a k3 KL penalty,
+    clip-higher, per-sequence aggregation and zero-std filtering all switched on."""
+    model = _model(0)
+    ref = copy.deepcopy(model).eval()
+    cfg = GRPOConfig(group_size=8, max_new_tokens=2, eps_high=0.28, beta=0.01, aggregation="grpo", mu=2,
+                     filter_zero_std=True, micro_batch_size=32)
+    reward = RewardFn("answer_is_7", lambda completions, refs: [float(c.tokens[:1] == [7]) for c in completions])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    prompts = _prompts(8 * 25, seed=7)
+    history = []
+    for batch in rollout_batches(model, prompts, [None] * len(prompts), cfg.sampling_params(), STOP_IDS, prompts_per_step=8):
+        history.append(grpo_step(model, ref, opt, batch, [reward], cfg)["reward"])
+        if history[-1] > 0.9:
+            break
+    assert history[0] < 0.3
+    assert history[-1] > 0.9, history
