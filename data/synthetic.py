@@ -11,8 +11,8 @@ and one solution line per event that restates the computation, in GSM8K's own an
        #### 15
 
 Difficulty is the number of steps (events). Splits: train and test share the step range 1..3 and
-have disjoint questions; "harder" has 4..5 steps, more than any training row, to measure length
-generalisation.
+have disjoint questions; "harder" has 4..5 steps, more than any training row (so its counts also
+reach 70 where training stops at 50), to measure length generalisation.
 """
 from __future__ import annotations
 
