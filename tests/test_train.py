@@ -1,0 +1,207 @@
+"""train.py end to end on a tiny model (CPU): ranks vs accumulation, exact resume, crash safety,
+overfitting, and one-line errors for bad inputs. Runs use one thread: two cores are shared."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data.synthetic import corpus_texts, make_splits, write_jsonl
+from model.checkpoint import save_pretrained
+from model.config import PRESETS
+from model.tokenizer import train_tokenizer
+from model.transformer import Transformer
+from trainer.checkpoint import checkpoint_paths, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """Tokenizer, train/eval JSONL of the synthetic task, and a teacher whose head has 8 padded rows."""
+    root = tmp_path_factory.mktemp("train_ws")
+    splits = make_splits(seed=0, n_train=24, n_test=8, n_harder=1)
+    write_jsonl(root / "train.jsonl", splits["train"])
+    write_jsonl(root / "eval.jsonl", splits["test"])
+    tokenizer = train_tokenizer(corpus_texts(splits["train"]), root / "tok", vocab_size=400)
+    torch.manual_seed(1)
+    save_pretrained(Transformer(replace(PRESETS["tiny-student"], vocab_size=tokenizer.vocab_size + 8)),
+                    root / "teacher")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_args(ws: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "tiny-student", "--tokenizer", str(ws / "tok"), "--data", str(ws / "train.jsonl"),
+            "--out", str(out), "--max-steps", "4", "--set", "data.max_len=256", "--set", "optim.lr=3e-3",
+            "--set", "optim.warmup_steps=1", "--set", "save_every=1", *extra]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    assert (out / "DONE").exists(), f"{out} did not complete"
+    return load_file(out / "final" / "model.safetensors")
+
+
+def run_main(args: list[str]) -> int:
+    return train.main(args)
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(workspace, tmp_path):
+    """torchrun 2 ranks x 2 micro-batches of 1 == 1 process x 2 micro-batches of 2 (same global batch of 4).
+
+    Adam's default eps (1e-8) makes an update ~lr * sign(g) for |g| >> eps, so a gradient element
+    near 0 whose sign differs by float rounding (different padding, matmul shapes) moves by 2 lr;
+    eps = 1e-3 keeps the update Lipschitz in g so 1e-5 checks the gradients, not rounding luck.
+    """
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    common = ("--max-steps", "3", "--set", "data.grad_accum_steps=2", "--set", "optim.eps=1e-3")
+    assert run_main(base_args(workspace, single, *common, "--set", "data.micro_batch_size=2")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *base_args(workspace, multi, *common, "--set", "data.micro_batch_size=1")]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_weights(single), final_weights(multi)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    steps = [json.loads(line)["step"] for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def stage_args(ws: Path, stage: str) -> list[str]:
+    extra = ["--stage", stage, "--set", "data.micro_batch_size=2", "--set", "data.grad_accum_steps=2"]
+    if stage == "kd":
+        extra += ["--teacher", str(ws / "teacher"), "--set", "kd.loss=\"jsd\"", "--set", "kd.temperature=2.0"]
+    return extra
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace, tmp_path_factory):
+    """stage -> final weights of an uninterrupted 4-step run."""
+    def run(stage, cache={}):
+        if stage not in cache:
+            out = tmp_path_factory.mktemp(f"full_{stage}")
+            assert run_main(base_args(workspace, out, *stage_args(workspace, stage))) == 0
+            cache[stage] = final_weights(out)
+        return cache[stage]
+    return run
+
+
+@pytest.mark.parametrize("stage", ["sft", "kd"])
+def test_resume_is_bit_exact(workspace, tmp_path, uninterrupted, stage):
+    """Stopped after step 2 and resumed == uninterrupted, parameter for parameter (torch.equal)."""
+    extra = stage_args(workspace, stage)
+    resumed = tmp_path / "resumed"
+    assert run_main(base_args(workspace, resumed, *extra, "--set", "stop_at=2")) == 0
+    assert not (resumed / "DONE").exists() and [p.name for p in checkpoint_paths(resumed)][-1] == "step_00000002.pt"
+    torch.manual_seed(123)  # the resumed run must restore RNG states, not inherit this process's
+    assert run_main(base_args(workspace, resumed, *extra, "--resume")) == 0
+    a, b = uninterrupted(stage), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    if stage == "kd":
+        assert all(r["kd"] > 0 and r["ce"] > 0 for r in records)
+
+
+DYING_SAVE = """
+import os, signal, sys, torch
+real_save, calls = torch.save, []
+def dying_save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(os.environ["DIE_AT_SAVE"]):  # half a checkpoint on disk, then SIGKILL
+        real_save(obj, f, *args, **kwargs)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+torch.save = dying_save
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(workspace, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    args = base_args(workspace, out, *stage_args(workspace, "sft"))
+    result = subprocess.run([sys.executable, "-c", DYING_SAVE, *args], env={**ENV, "DIE_AT_SAVE": "2"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert [p.name for p in checkpoint_paths(out)] == ["step_00000001.pt"]  # the torn step 2 is a hidden temp file
+    assert list((out / "checkpoints").glob(".step_00000002.pt.tmp"))
+    assert not (out / "DONE").exists()
+    model = Transformer(replace(PRESETS["tiny-student"], vocab_size=400))
+    optimizer = train.build_optimizer(model, train.OptimConfig())
+    state = load_checkpoint(checkpoint_paths(out)[-1], model, optimizer, rank=0, world_size=1, sharded=False)
+    assert state["step"] == 1
+    assert run_main(args + ["--resume"]) == 0
+    a, b = final_weights(out), uninterrupted("sft")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_overfits_one_batch(workspace, tmp_path):
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join((workspace / "train.jsonl").read_text().splitlines(keepends=True)[:2]))
+    out = tmp_path / "overfit"
+    args = base_args(workspace, out, "--data", str(data), "--max-steps", "50", "--set", "data.micro_batch_size=2",
+                     "--set", "data.style=fewshot", "--set", "save_every=50", "--set", "optim.min_lr_ratio=1.0")
+    assert run_main(args) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] > 4 and losses[-1] < 0.05, losses[::10]
+    assert (out / "plots.png").exists() and (out / "final" / "tokenizer.model").exists()
+
+
+def bad_inputs(ws: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra args, text the error line must contain)."""
+    malformed = tmp / "malformed.jsonl"
+    malformed.write_text((ws / "train.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    recipe = tmp / "recipe.toml"
+    recipe.write_text("max_steps = 4\n[optim]\nlearning_rate = 1e-3\n")
+    small_teacher = tmp / "small_teacher"
+    save_pretrained(Transformer(replace(PRESETS["tiny-student"], vocab_size=300)), small_teacher)
+    return {
+        "missing data file": (["--data", str(tmp / "nope.jsonl")], "nope.jsonl not found"),
+        "malformed JSONL line": (["--data", str(malformed)], "malformed.jsonl:2: invalid JSON"),
+        "unknown config key": (["--recipe", str(recipe)], "recipe.toml: unknown config key 'optim.learning_rate'"),
+        "unknown override": (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        "out of range": (["--set", "optim.lr=-1.0"], "'optim.lr' must be > 0"),
+        "wrong type": (["--set", "data.micro_batch_size=two"], "'data.micro_batch_size' expects int"),
+        "vocab mismatch": (["--stage", "kd", "--teacher", str(small_teacher)], "model's vocab_size is 300"),
+        "missing teacher": (["--stage", "kd", "--teacher", str(tmp / "no_teacher")], "no_teacher not found"),
+        "unknown model": (["--model", "gpt-9"], "neither a preset"),
+    }
+
+
+def test_bad_inputs_fail_with_one_line_and_no_run_directory(workspace, tmp_path, capsys):
+    for name, (extra, expected) in bad_inputs(workspace, tmp_path).items():
+        out = tmp_path / f"run_{name.replace(' ', '_')}"
+        code = run_main(base_args(workspace, out, *extra))
+        err = capsys.readouterr().err.strip()
+        assert code == 2, name
+        assert err.startswith("error: ") and "\n" not in err and expected in err, (name, err)
+        assert not out.exists(), name
+
+
+def test_existing_run_needs_resume_and_same_config(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(base_args(workspace, out, "--set", "stop_at=1")) == 0
+    assert run_main(base_args(workspace, out)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert run_main(base_args(workspace, out, "--resume", "--set", "optim.lr=1e-3")) == 2
+    assert "different config: optim.lr" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""Training-state checkpoints (for resuming), written atomically; distinct from the HF export.
+
+One file per checkpoint, `<out>/checkpoints/step_00000042.pt`, holding the full (unsharded) model
+and optimizer state, the step, the data position, the config and the RNG states of every rank
+(torch, CUDA, numpy, python). Rank 0 writes it: torch.save into a hidden temp file, fsync,
+os.replace onto the final name, fsync the directory. A crash at any moment leaves either the old
+set of complete checkpoints or the old set plus the new one, never a truncated `step_*.pt`.
+Resuming reads the file on every rank (multi-node runs need `out` on a shared filesystem).
+
+Under FSDP (`sharded`) each rank holds a shard; torch.distributed.checkpoint's state_dict helpers
+gather full tensors to rank 0 and scatter them back on load. They are imported only then: the
+import alone takes seconds, which every plain run would pay.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.distributed import all_gather_objects, unwrap
+
+
+def rng_state() -> dict:
+    """This rank's random-number-generator states as plain Python values (bytes, ints, lists):
+    they travel through all_gather_object and torch.load(weights_only=True) unchanged."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state().numpy().tobytes(), "python": random.getstate(),
+             "numpy": (kind, keys.tolist(), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().numpy().tobytes()
+    return state
+
+
+def set_rng_state(state: dict):
+    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(as_tensor(state["torch"]))
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(as_tensor(state["cuda"]))
+
+
+def checkpoint_paths(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp files of an interrupted write are ignored)."""
+    return sorted((Path(out) / "checkpoints").glob("step_*.pt"))
+
+
+def full_model_state(model, sharded: bool) -> dict:
+    """The unsharded model state dict (collective under FSDP: complete on rank 0 only, on CPU)."""
+    if not sharded:
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model, optimizer, sharded: bool) -> dict:
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def set_full_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool):
+    """Load full (unsharded) states; under FSDP each rank keeps its shard of them."""
+    if not sharded:
+        unwrap(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def save_checkpoint(out: str | Path, model, optimizer, step: int, extra: dict, keep_last: int, is_main: bool,
+                    sharded: bool):
+    """Collective: every rank calls it (state gathering); rank 0 writes and prunes to `keep_last`."""
+    state = {"model": full_model_state(model, sharded),
+             "optimizer": full_optimizer_state(model, optimizer, sharded),
+             "rng": all_gather_objects(rng_state()), "step": step, **extra}
+    if not is_main:
+        return
+    directory = Path(out) / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step_{step:08d}.pt"
+    tmp = directory / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(directory)
+    for old in checkpoint_paths(out)[:-keep_last]:
+        old.unlink()
+
+
+def fsync_directory(directory: Path):
+    """Make the rename durable: the directory entry itself must reach the disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, model, optimizer, rank: int, world_size: int, sharded: bool) -> dict:
+    """Restore model, optimizer and this rank's RNG states in place; return the whole state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: say which one
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if len(state["rng"]) != world_size:
+        raise ValueError(f"checkpoint {path} was written by {len(state['rng'])} ranks; resuming needs the same "
+                         f"world size (now {world_size}) for exact per-rank RNG and data positions")
+    set_full_state(model, optimizer, state["model"], state["optimizer"], sharded)
+    set_rng_state(state["rng"][rank])
+    return state

@@ -1,0 +1,173 @@
+"""The training config: typed dataclasses, loaded from a recipe TOML plus command-line overrides.
+
+Resolution order (later wins): dataclass defaults -> `--recipe FILE.toml` -> named flags
+(`--stage`, `--model`, `--tokenizer`, `--data`, `--teacher`, `--out`) -> `--section.key value` /
+`--set section.key=value`. Values are parsed as TOML (`--set optim.lr=3e-4`, `--set kd.loss="reverse_kl"`
+or bare strings). An unknown key, a value of the wrong type or out of range is a ValueError naming
+the key and where it came from. The resolved config is written to `<out>/config.toml`, which is
+itself a valid recipe.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # training JSONL file
+    format: str = "gsm8k"  # gsm8k (question/answer) | chat (messages) | prompt_completion
+    style: str = "chat"  # prompt rendering for gsm8k rows: chat (ChatML) | fewshot (plain Question/Answer)
+    task: str = "synthetic"  # chat instruction appended to gsm8k questions (data/templates.py INSTRUCTIONS)
+    eval_path: str = ""  # optional held-out JSONL (same format): mean loss every `eval_every` steps
+    max_len: int = 512  # tokens per example; longer ones are truncated by data/templates.py's policy
+    micro_batch_size: int = 8  # examples per forward/backward on one rank
+    grad_accum_steps: int = 1  # micro-batches per optimizer step on one rank
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 10  # linear warmup from 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+
+
+@dataclass
+class KDConfig:
+    teacher: str = ""  # HF-layout directory of the teacher (stage kd)
+    loss: str = "forward_kl"  # forward_kl = KL(p_T||q_S) | reverse_kl = KL(q_S||p_T) | jsd
+    beta: float = 0.5  # generalized JSD interpolation (0 = forward KL, 1 = reverse KL)
+    temperature: float = 1.0  # softens both distributions (Hinton et al. 2015)
+    scale_t2: bool = False  # multiply the KD term by T^2 (keeps gradient scale across temperatures)
+    alpha: float = 0.5  # loss = alpha * CE(labels) + (1 - alpha) * KD
+    teacher_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher may run in lower precision
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sft"  # sft | kd (rl plugs into the same loop later)
+    model: str = ""  # preset name from model.config.PRESETS (random init) or an HF-layout directory
+    tokenizer: str = ""  # tokenizer directory; defaults to the model directory when that has one
+    out: str = ""  # run directory
+    seed: int = 0
+    max_steps: int = 100  # optimizer steps (the cosine schedule ends here)
+    stop_at: int = 0  # end this invocation after this step, checkpointed (preemptible jobs); 0 = max_steps
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, for models that don't fit one GPU)
+    activation_checkpointing: bool = False  # recompute each block in backward
+    bf16: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
+    chunk_size: int = 1024  # tokens per chunk of the fused lm_head + loss (full logits never exist)
+    log_every: int = 1
+    eval_every: int = 0  # 0 = only at the end (when data.eval_path is set)
+    save_every: int = 100  # training-state checkpoint every N steps (and at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+
+
+CHOICES = {"stage": ("sft", "kd"), "parallel": ("ddp", "fsdp"),
+           "data.format": ("gsm8k", "chat", "prompt_completion"), "data.style": ("chat", "fewshot"),
+           "kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.teacher_dtype": ("float32", "bfloat16", "float16")}
+POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
+            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature")
+NON_NEGATIVE = ("stop_at", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps")
+UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha")
+
+
+def set_value(config: TrainConfig, key: str, value, source: str):
+    """Assign config.<key> (dotted) = value, checking the key exists and the type matches."""
+    *sections, name = key.split(".")
+    target = config
+    for section in sections:
+        target = getattr(target, section, None)
+        if not is_dataclass(target):
+            raise ValueError(f"{source}: unknown config key {key!r}")
+    types = {f.name: f.type for f in fields(target)}
+    if name not in types:
+        raise ValueError(f"{source}: unknown config key {key!r}")
+    if is_dataclass(getattr(target, name)):
+        raise ValueError(f"{source}: config key {key!r} is a section; set its fields ({key}.<name>)")
+    expected = {"str": str, "int": int, "float": float, "bool": bool}[types[name]]
+    if expected is float and type(value) is int:
+        value = float(value)
+    if type(value) is not expected:
+        raise ValueError(f"{source}: config key {key!r} expects {expected.__name__}, got {value!r}")
+    setattr(target, name, value)
+
+
+def apply_dict(config: TrainConfig, table: dict, source: str, prefix: str = ""):
+    """Apply a (nested) TOML table: sections recurse, scalars go through set_value."""
+    for name, value in table.items():
+        key = prefix + name
+        if isinstance(value, dict):
+            apply_dict(config, value, source, key + ".")
+        else:
+            set_value(config, key, value, source)
+
+
+def parse_value(text: str):
+    """A command-line value as TOML (numbers, booleans, quoted strings), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def get_value(config: TrainConfig, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(config: TrainConfig):
+    """Out-of-range values and missing required settings are errors naming the key."""
+    for key, allowed in CHOICES.items():
+        if get_value(config, key) not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {get_value(config, key)!r}")
+    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for key in keys:
+            if not ok(get_value(config, key)):
+                raise ValueError(f"config key {key!r} must be {what}, got {get_value(config, key)!r}")
+    for key in ("model", "out", "data.path") + (("kd.teacher",) if config.stage == "kd" else ()):
+        if not get_value(config, key):
+            raise ValueError(f"config key {key!r} is required (stage {config.stage})")
+
+
+def load_config(recipe: str | None, named: dict, overrides: list[tuple[str, str]]) -> TrainConfig:
+    """Defaults <- recipe TOML <- named flags (already typed) <- `key=value` overrides (TOML-parsed)."""
+    config = TrainConfig()
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {recipe} not found")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{recipe}: invalid TOML: {e}") from None
+        apply_dict(config, table, recipe)
+    for key, value in named.items():
+        if value is not None:
+            set_value(config, key, value, f"--{key.replace('.', '-')}")
+    for key, text in overrides:
+        set_value(config, key, parse_value(text), f"override {key}={text}")
+    validate(config)
+    return config
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved config as a recipe: top-level scalars, then one [section] per nested dataclass."""
+    def line(name, value):
+        return f"{name} = {json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)}"
+    flat = asdict(config)
+    scalars = [line(k, v) for k, v in flat.items() if not isinstance(v, dict)]
+    sections = [f"\n[{k}]\n" + "\n".join(line(n, x) for n, x in v.items()) for k, v in flat.items() if isinstance(v, dict)]
+    return "\n".join(scalars) + "\n" + "\n".join(sections) + "\n"
