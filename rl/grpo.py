@@ -35,13 +35,13 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from losses import Head, entropy, token_logprobs
 from model.generate import SamplingParams
 from rl.advantages import SCALE_MODES, all_reduce_sum, group_advantages, zero_std_groups
 from rl.policy_loss import AGGREGATIONS, KL_ESTIMATORS, normaliser, policy_loss
 from rl.rewards import RewardFn, compute_rewards
-from rl.rollout import RolloutBatch
+from rl.rollout import RolloutBatch, unwrap
 
 
 @dataclass(frozen=True)
@@ -92,26 +92,20 @@ class GRPOConfig:
                               top_p=self.top_p, n=self.group_size, seed=self.seed)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Transformer inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
-    """log softmax(hidden @ weight.T)[target] for hidden [N, d], weight [V, d], targets [N] -> fp32 [N]."""
-    logits = F.linear(hidden, weight).float()  # (N, V)
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(1)
+def completion_head(model, batch: RolloutBatch) -> Head:
+    """The lm_head inputs that predict the completion slots: Head(hidden [B, C, d], weight [V, d]).
+    Position P - 1 + j predicts completion slot j; the [B, C, V] logits are never formed at once."""
+    P = batch.prompt_length
+    hidden = model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # (B, P + C, d)
+    return Head(hidden[:, P - 1:-1], unwrap(model).output_weight)
 
 
 def completion_logprobs(model, batch: RolloutBatch, chunk_size: int) -> torch.Tensor:
-    """log pi(o_t | prefix) of every completion slot [B, C] (0 at padding), through the hidden states
-    and the lm_head weight so the fused path never holds [B, T, V] logits."""
-    P, mask = batch.prompt_length, batch.completion_mask
-    hidden = model(batch.input_ids, attention_mask=batch.attention_mask, return_hidden=True)  # (B, P + C, d)
-    hidden = hidden[:, P - 1:-1]  # (B, C, d): position P - 1 + j predicts completion slot j
-    targets = batch.input_ids[:, P:]  # (B, C)
-    logprobs = token_logprobs(hidden[mask], unwrap(model).output_weight, targets[mask], chunk_size)  # (N,)
-    return torch.zeros(mask.shape, dtype=logprobs.dtype, device=logprobs.device).index_put((mask,), logprobs)
+    """log pi(o_t | prefix) at temperature 1 of every completion slot [B, C] (0 at padding), through
+    losses/' chunked selective log-softmax (chunk_size tokens of [V] logits at a time)."""
+    head = completion_head(model, batch)
+    targets = batch.input_ids[:, batch.prompt_length:]  # (B, C)
+    return token_logprobs(head, targets, mask=batch.completion_mask, chunk_size=chunk_size)
 
 
 def sequence_weights(batch: RolloutBatch, rewards: torch.Tensor, cfg: GRPOConfig):
@@ -140,7 +134,11 @@ def _reference_logprobs(ref_model, micro, chunk_size, forward_context) -> list[t
 def grpo_update(policy: torch.nn.Module, ref_model: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
                 batch: RolloutBatch, advantages: torch.Tensor, cfg: GRPOConfig, *, drop: torch.Tensor | None = None,
                 scheduler=None, forward_context: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
-    """cfg.mu optimizer steps on one rollout batch; returns this rank's metrics (means over the mu steps).
+    """cfg.mu optimizer steps on one rollout batch; returns this rank's metrics.
+
+    Metrics: loss (this rank's share of the globally normalised loss: the sum over ranks is the loss),
+    clip_frac, kl (per loss token), entropy (nats per loss token, before the first step), grad_norm
+    (before clipping), loss_tokens; means over the mu steps. {"skipped": 1.0} when nothing is left to train.
 
     advantages [B] and drop [B] as from `sequence_weights`. `forward_context` wraps each forward
     (e.g. `lambda: torch.autocast("cuda", torch.bfloat16)`); `scheduler` steps after each optimizer step.
@@ -159,32 +157,45 @@ def grpo_update(policy: torch.nn.Module, ref_model: torch.nn.Module | None, opti
     scale = world / global_norm.item()  # the data-parallel wrapper averages gradients over ranks
     micro = _micro_batches(batch, cfg.micro_batch_size)
     ref = _reference_logprobs(ref_model, micro, cfg.chunk_size, forward_context) if cfg.beta > 0 else [None] * len(micro)
-    totals = dict.fromkeys(("loss", "clipped", "kl", "tokens", "grad_norm"), 0.0)
-    for _ in range(cfg.mu):
+    totals = dict.fromkeys(("loss", "clipped", "kl", "tokens", "entropy", "grad_norm"), 0.0)
+    for iteration in range(cfg.mu):
         for k, (rows, mb) in enumerate(micro):
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
-                out = _micro_step(policy, mb, advantages[rows], keep[rows], ref[k], cfg, scale, forward_context)
-            for key in ("loss", "clipped", "kl", "tokens"):
-                totals[key] += out[key]
+                out = _micro_step(policy, mb, advantages[rows], keep[rows], ref[k], cfg, scale, forward_context,
+                                  with_entropy=iteration == 0)
+            for key, value in out.items():
+                totals[key] += value
         totals["grad_norm"] += optimizer_step(policy, optimizer, cfg.max_grad_norm, scheduler)
-    tokens = max(totals["tokens"], 1.0)
-    return {"loss": totals["loss"] / global_norm.item() / cfg.mu, "clip_frac": totals["clipped"] / tokens,
-            "kl": totals["kl"] / tokens, "grad_norm": totals["grad_norm"] / cfg.mu, "loss_tokens": tokens / cfg.mu}
+    tokens = max(totals["tokens"] / cfg.mu, 1.0)  # loss tokens of this rank, per iteration
+    return {"loss": totals["loss"] / cfg.mu / global_norm.item(), "clip_frac": totals["clipped"] / cfg.mu / tokens,
+            "kl": totals["kl"] / cfg.mu / tokens, "entropy": totals["entropy"] / tokens,  # entropy: 1st iteration
+            "grad_norm": totals["grad_norm"] / cfg.mu, "loss_tokens": tokens}
 
 
 def _micro_step(policy, mb: RolloutBatch, advantages, keep, ref_logprobs, cfg: GRPOConfig, scale: float,
-                forward_context) -> dict:
-    """Forward, loss and backward of one micro-batch (gradients accumulate); returns its sums."""
+                forward_context, with_entropy: bool) -> dict:
+    """Forward, loss and backward of one micro-batch (gradients accumulate); returns its sums.
+    The entropy of pi (a metric; one extra no-grad pass over the vocabulary) only when `with_entropy`."""
+    keep = keep[:, :mb.completion_mask.shape[1]]  # (b, C) the micro-batch's trimmed width
     with forward_context():
-        logprobs = completion_logprobs(policy, mb, cfg.chunk_size)  # (b, C)
+        head = completion_head(policy, mb)
+        logprobs = token_logprobs(head, mb.input_ids[:, mb.prompt_length:], mask=mb.completion_mask,
+                                  chunk_size=cfg.chunk_size)  # (b, C)
+        ent = _entropy_sum(head, keep, cfg.chunk_size) if with_entropy else 0.0
     old = logprobs.detach() if cfg.mu == 1 else mb.sampler_logprobs
-    out = policy_loss(logprobs, old, advantages, keep[:, :logprobs.shape[1]], eps_low=cfg.eps_low,
-                      eps_high=cfg.eps_high, aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens,
-                      ref_logprobs=ref_logprobs, beta=cfg.beta, kl_estimator=cfg.kl_estimator)
+    out = policy_loss(logprobs, old, advantages, keep, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                      aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens, ref_logprobs=ref_logprobs,
+                      beta=cfg.beta, kl_estimator=cfg.kl_estimator)
     (out.loss_sum * scale).backward()
     return {"loss": out.loss_sum.item(), "clipped": out.clipped_tokens.item(), "kl": out.kl_sum.item(),
-            "tokens": out.num_tokens.item()}
+            "tokens": out.num_tokens.item(), "entropy": ent}
+
+
+@torch.no_grad()
+def _entropy_sum(head: Head, mask: torch.Tensor, chunk_size: int) -> float:
+    return entropy(Head(head.hidden.detach(), head.weight.detach()), mask=mask, reduction="sum",
+                   chunk_size=chunk_size).item()
 
 
 def optimizer_step(policy, optimizer, max_grad_norm: float, scheduler=None) -> float:

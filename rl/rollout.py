@@ -59,6 +59,11 @@ class RolloutBatch:
             prompt_length=P - lo, group_size=self.group_size)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def pack(prompts: Sequence[list[int]], completions: list[Completion], references: Sequence[Any],
          group_size: int) -> RolloutBatch:
     """Pack `completions` (ordered by prompt, then sample) into a RolloutBatch of padded tensors.
@@ -88,6 +93,7 @@ def rollout(model, prompts: Sequence[list[int]], references: Sequence[Any], para
     """Sample params.n completions for each prompt (token ids) and pack them; see module doc."""
     if len(prompts) != len(references):
         raise ValueError(f"{len(prompts)} prompts but {len(references)} references")
+    model = unwrap(model)  # sampling needs no gradient synchronisation
     completions = generate(model, list(prompts), params, stop_ids, tokenizer=tokenizer, batch_size=batch_size)
     return pack(prompts, completions, references, params.n).to(model.output_weight.device)
 

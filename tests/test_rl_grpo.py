@@ -45,27 +45,30 @@ def _rewards(batch):
 def _sgd_delta(model, batch, advantages, cfg, drop=None):
     """-(parameter change) of one SGD(lr=1) step without clipping = the gradient grpo_update applied."""
     trained = copy.deepcopy(model)
-    grpo_update(trained, None, torch.optim.SGD(trained.parameters(), lr=1.0), batch, advantages, cfg, drop=drop)
-    return [p0.detach() - p1.detach() for p0, p1 in zip(model.parameters(), trained.parameters())]
+    metrics = grpo_update(trained, None, torch.optim.SGD(trained.parameters(), lr=1.0), batch, advantages, cfg, drop=drop)
+    return [p0.detach() - p1.detach() for p0, p1 in zip(model.parameters(), trained.parameters())], metrics
 
 
-def _reinforce_grads(model, batch, advantages, aggregation, max_new_tokens):
-    """Independent reference: full logits, log_softmax, -sum A_i log pi(o_it) / normaliser, autograd."""
+def _reinforce(model, batch, advantages, aggregation, max_new_tokens):
+    """Independent reference from full logits: gradients of -sum A_i log pi(o_it) / normaliser, the
+    loss value at ratio 1 (-sum A_i / normaliser over tokens) and the mean entropy per completion token."""
     model.zero_grad()
     P = batch.prompt_length
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask)  # (B, T, V)
-    logp = logits[:, P - 1:-1].log_softmax(-1).gather(-1, batch.input_ids[:, P:, None]).squeeze(-1)  # (B, C)
+    logp_all = model(batch.input_ids, attention_mask=batch.attention_mask)[:, P - 1:-1].log_softmax(-1)  # (B, C, V)
+    logp = logp_all.gather(-1, batch.input_ids[:, P:, None]).squeeze(-1)  # (B, C)
     mask = batch.completion_mask.float()
-    per_seq = (advantages[:, None] * logp * mask).sum(1)  # (B,)
     n_tokens = mask.sum(1)
     if aggregation == "grpo":  # mean over each sequence's tokens, then over the sequences
-        loss = -(per_seq / n_tokens).sum() / len(batch)
+        weights = 1 / (n_tokens * len(batch))
     elif aggregation == "dapo":  # token sum over all tokens of the batch
-        loss = -per_seq.sum() / n_tokens.sum()
+        weights = torch.full_like(n_tokens, 1 / n_tokens.sum().item())
     else:  # dr_grpo: token sum over (sequences x max_new_tokens)
-        loss = -per_seq.sum() / (len(batch) * max_new_tokens)
+        weights = torch.full_like(n_tokens, 1 / (len(batch) * max_new_tokens))
+    loss = -(weights * advantages * (logp * mask).sum(1)).sum()
     loss.backward()
-    return [p.grad.clone() for p in model.parameters()]
+    value = -(weights * advantages * n_tokens).sum().item()
+    entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum().item() / mask.sum().item()
+    return [p.grad.clone() for p in model.parameters()], value, entropy
 
 
 @pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
@@ -79,17 +82,21 @@ def test_on_policy_update_is_reinforce_with_group_advantages(aggregation):
     advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, unbiased=False, keepdim=True) + 1e-4)).view(-1)
     cfg = GRPOConfig(group_size=G, max_new_tokens=6, aggregation=aggregation, micro_batch_size=3, max_grad_norm=0)
     torch.testing.assert_close(sequence_weights(batch, rewards, cfg)[0], advantages)
-    delta = _sgd_delta(model, batch, advantages, cfg)
-    expected = _reinforce_grads(model, batch, advantages, aggregation, cfg.max_new_tokens)
-    for d, e in zip(delta, expected):
-        torch.testing.assert_close(d, e, rtol=1e-4, atol=1e-6)
+    delta, metrics = _sgd_delta(model, batch, advantages, cfg)
+    grads, value, entropy = _reinforce(model, batch, advantages, aggregation, cfg.max_new_tokens)
+    for d, g in zip(delta, grads):
+        torch.testing.assert_close(d, g, rtol=1e-4, atol=1e-6)
+    assert metrics["loss"] == pytest.approx(value, abs=1e-5)
+    assert metrics["entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert metrics["clip_frac"] == 0 and metrics["kl"] == 0
+    assert metrics["loss_tokens"] == batch.completion_mask.sum().item()
 
 
 def test_micro_batch_size_does_not_change_the_update():
     model = _model(1)
     batch = _batch(model, seed=1)
     advantages = torch.randn(len(batch))
-    deltas = [_sgd_delta(model, batch, advantages, GRPOConfig(group_size=G, micro_batch_size=m, max_grad_norm=0))
+    deltas = [_sgd_delta(model, batch, advantages, GRPOConfig(group_size=G, micro_batch_size=m, max_grad_norm=0))[0]
               for m in (1, 5, len(batch))]
     for other in deltas[1:]:
         for a, b in zip(deltas[0], other):
@@ -105,7 +112,7 @@ def test_dropped_rows_change_nothing_but_the_loss_set():
     drop[:G] = True  # the first group
     cfg = GRPOConfig(group_size=G, max_grad_norm=0)
     kept = batch.select(slice(G, len(batch)))
-    for a, b in zip(_sgd_delta(model, batch, advantages, cfg, drop), _sgd_delta(model, kept, advantages[G:], cfg)):
+    for a, b in zip(_sgd_delta(model, batch, advantages, cfg, drop)[0], _sgd_delta(model, kept, advantages[G:], cfg)[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     everything = torch.ones(len(batch), dtype=torch.bool)
     assert grpo_update(model, None, torch.optim.SGD(model.parameters(), lr=1.0), batch, advantages, cfg,
