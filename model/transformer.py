@@ -85,6 +85,11 @@ class KVCache:
         self.length += T
         return slots, positions
 
+    def filled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of one layer over the used slots only [B, n_kv_heads, length, head_dim]: attention
+        skips the empty tail of the static cache (memory-bound decode reads less)."""
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+
     def repeat_interleave(self, n: int) -> "KVCache":
         """Each row repeated n times (rows i*n .. i*n+n-1 copy row i): one prefill, n samples."""
         out = object.__new__(KVCache)
@@ -121,7 +126,7 @@ class Attention(nn.Module):
         if cache is not None:
             cache.k[self.layer_idx].index_copy_(2, slots, k)
             cache.v[self.layer_idx].index_copy_(2, slots, v)
-            k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, nkv, max_len, hd)
+            k, v = cache.filled(self.layer_idx)  # (B, nkv, cache.length, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -189,10 +194,10 @@ class Transformer(nn.Module):
         if cache is not None:
             valid = torch.ones_like(input_ids) if attention_mask is None else attention_mask
             slots, positions = cache.append(valid)
-            key_valid, key_slots = cache.valid, torch.arange(cache.max_len, device=input_ids.device)
-            mask = (key_slots[None, :] <= slots[:, None])[None] & key_valid[:, None, :]  # (B, T, max_len)
+            key_valid, key_slots = cache.valid[:, :cache.length], torch.arange(cache.length, device=input_ids.device)
+            mask = (key_slots[None, :] <= slots[:, None])[None] & key_valid[:, None, :]  # (B, T, length)
             mask |= key_slots[None, None, :] == slots[None, :, None]  # a padding query sees itself: no NaN
-            mask = mask[:, None]  # (B, 1, T, max_len)
+            mask = mask[:, None]  # (B, 1, T, length)
         elif attention_mask is not None:
             valid = attention_mask.bool()
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)
