@@ -81,11 +81,20 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = z.topk(min(params.top_k, z.shape[-1]), dim=-1).values[:, -1:]  # (R, 1)
         z = z.masked_fill(z < kth, float("-inf"))
     if params.top_p < 1.0:
-        z_sorted, order = z.sort(dim=-1, descending=True)  # (R, V)
-        probs = z_sorted.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # (R, V): mass of the strictly more likely tokens
-        z = z.scatter(-1, order, z_sorted.masked_fill(mass_before >= params.top_p, float("-inf")))
+        probs = z.softmax(-1)  # (R, V)
+        p_sorted = _sorted_descending(probs)  # (R, V)
+        mass_before = p_sorted.cumsum(-1) - p_sorted  # mass of the strictly more likely tokens
+        n_kept = (mass_before < params.top_p).sum(-1, keepdim=True)  # (R, 1), >= 1
+        cutoff = p_sorted.gather(-1, n_kept - 1)  # (R, 1): probability of the least likely token kept
+        z = z.masked_fill(probs < cutoff, float("-inf"))  # (ties with the cutoff are all kept)
     return z
+
+
+def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    """Each row's values in descending order: the nucleus cutoff needs the values, not the indices."""
+    if x.device.type == "cpu":  # numpy's SIMD sort is ~20x faster than torch's CPU sort (64 x 2048: 0.5 vs 10 ms)
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+    return x.sort(dim=-1, descending=True).values
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None):
