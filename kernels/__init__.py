@@ -5,6 +5,10 @@ returns fp32 per-row values (no reduction: losses/ masks and normalises) and is 
 respect to the (student) logits. Each op lives in kernels/<op>.py as Triton kernels, an
 autograd.Function and a `<op>_reference` in plain torch; this module picks one per call:
 the Triton path for CUDA tensors when Triton imports, the reference otherwise (CPU, macOS).
+
+The two paths agree to fp32 rounding (1e-5) in value; gradients come back in the logits' dtype, so
+for bf16/fp16 logits they agree to that dtype's resolution. Rows are (N, V) with any strides;
+targets are int (N,) in [0, V) or ignore_index. Logits must be finite except -inf for masked tokens.
 """
 import torch
 

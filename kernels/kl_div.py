@@ -19,9 +19,11 @@ Gradients w.r.t. the student logits x (z = x / T, g the incoming gradient):
 and dx = g · dKL/dz / T.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels.log_softmax import log_softmax_reference
-from kernels.online_softmax import launch_config, load_tile, online_softmax_step, rows, tl, triton
+from kernels.online_softmax import (launch_config, load_tile, log_softmax_tile, online_softmax_step, rows, tl,
+                                    triton)
 
 
 @triton.jit
@@ -32,7 +34,7 @@ def _kl_div_kernel(a_ptr, a_stride, b_ptr, b_stride, kl_ptr, lse_a_ptr, lse_b_pt
     m_a, d_a, m_b, d_b = -3.0e38, 0.0, -3.0e38, 0.0
     cross = 0.0   # Σ exp(z_A - m_a) (z_A - z_B), rescaled with d_a
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+        cols = start + tl.arange(0, BLOCK_V)                                    # (BLOCK_V,)
         z_a, z_b = load_tile(a_row, cols, V, scale), load_tile(b_row, cols, V, scale)
         m_a, d_a, alpha, e_a = online_softmax_step(m_a, d_a, z_a)
         m_b, d_b, _, _ = online_softmax_step(m_b, d_b, z_b)
@@ -51,9 +53,9 @@ def _kl_div_backward_kernel(a_ptr, a_stride, b_ptr, b_stride, kl_ptr, lse_a_ptr,
     lse_a, lse_b = tl.load(lse_a_ptr + row), tl.load(lse_b_ptr + row)
     kl, g_scaled = tl.load(kl_ptr + row), tl.load(grad_ptr + row) * scale
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        log_a = load_tile(a_row, cols, V, scale) - lse_a
-        log_b = load_tile(b_row, cols, V, scale) - lse_b
+        cols = start + tl.arange(0, BLOCK_V)                                    # (BLOCK_V,)
+        log_a = log_softmax_tile(a_row, cols, V, scale, lse_a)
+        log_b = log_softmax_tile(b_row, cols, V, scale, lse_b)
         if STUDENT_IS_A:
             dx = g_scaled * tl.exp(log_a) * (log_a - log_b - kl)
         else:
@@ -77,6 +79,7 @@ class KLDiv(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         a, b, kl, lse_a, lse_b = ctx.saved_tensors
         student = a if ctx.reverse else b

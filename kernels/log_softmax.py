@@ -10,8 +10,9 @@ The forward pass saves only the input and lse (N,), not the (N, V) fp32 output: 
 recomputes p = exp(z - lse) tile by tile, which reads bf16 logits instead of fp32 log-probs.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
-from kernels.online_softmax import launch_config, load_tile, row_logsumexp, rows, tl, triton
+from kernels.online_softmax import launch_config, log_softmax_tile, row_logsumexp, rows, tl, triton
 
 
 @triton.jit
@@ -27,8 +28,8 @@ def _logsumexp_backward_kernel(x_ptr, x_stride, lse_ptr, grad_ptr, dx_ptr,
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_ptr + row)
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        p = tl.exp(load_tile(x_ptr + row * x_stride, cols, V, 1.0) - lse)
+        cols = start + tl.arange(0, BLOCK_V)                                    # (BLOCK_V,)
+        p = tl.exp(log_softmax_tile(x_ptr + row * x_stride, cols, V, 1.0, lse))
         tl.store(dx_ptr + row * V + cols, (g * p).to(dx_ptr.dtype.element_ty), mask=cols < V)
 
 
@@ -39,8 +40,8 @@ def _log_softmax_kernel(x_ptr, x_stride, out_ptr, lse_ptr, scale, V: tl.constexp
     lse = row_logsumexp(x_row, scale, V, BLOCK_V)
     tl.store(lse_ptr + row, lse)
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        tl.store(out_ptr + row * V + cols, load_tile(x_row, cols, V, scale) - lse, mask=cols < V)
+        cols = start + tl.arange(0, BLOCK_V)                                    # (BLOCK_V,)
+        tl.store(out_ptr + row * V + cols, log_softmax_tile(x_row, cols, V, scale, lse), mask=cols < V)
 
 
 @triton.jit
@@ -51,12 +52,12 @@ def _log_softmax_backward_kernel(x_ptr, x_stride, lse_ptr, grad_ptr, grad_stride
     lse = tl.load(lse_ptr + row)
     g_sum = 0.0
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+        cols = start + tl.arange(0, BLOCK_V)                                    # (BLOCK_V,)
         g_sum += tl.sum(tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32), axis=0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        p = tl.exp(load_tile(x_row, cols, V, scale) - lse)
-        g = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        p = tl.exp(log_softmax_tile(x_row, cols, V, scale, lse))
+        g = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)   # (BLOCK_V,)
         dx = (g - p * g_sum) * scale
         tl.store(dx_ptr + row * V + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < V)
 
@@ -73,6 +74,7 @@ class LogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, lse = ctx.saved_tensors
         dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -96,6 +98,7 @@ class LogSoftmax(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, lse = ctx.saved_tensors
         grad = rows(grad)   # a broadcast gradient (from .sum()) has stride 0 along V

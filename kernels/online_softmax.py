@@ -46,8 +46,14 @@ def rows(x):
 @triton.jit
 def load_tile(row_ptr, cols, V: tl.constexpr, scale):
     """scale · x[cols] in fp32, -inf past the row end (exp(-inf) = 0 drops it from every sum)."""
-    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)   # (BLOCK_V,)
     return x * scale
+
+
+@triton.jit
+def log_softmax_tile(row_ptr, cols, V: tl.constexpr, scale, lse):
+    """log softmax(scale · x)[cols] in fp32 given the row's lse (-inf past the row end)."""
+    return load_tile(row_ptr, cols, V, scale) - lse
 
 
 @triton.jit

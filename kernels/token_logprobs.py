@@ -10,9 +10,10 @@ Gradient, with p = softmax(z) and g the incoming gradient of row n:
     d (z_t - lse(z)) / d x_i = (δ_it - p_i) / T    ->    dx_i = g (δ_it - p_i) / T
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels.log_softmax import log_softmax_reference
-from kernels.online_softmax import launch_config, load_tile, row_logsumexp, rows, tl, triton
+from kernels.online_softmax import launch_config, log_softmax_tile, row_logsumexp, rows, tl, triton
 
 
 @triton.jit
@@ -45,8 +46,8 @@ def _token_logprobs_backward_kernel(x_ptr, x_stride, target_ptr, lse_ptr, grad_p
         lse = tl.load(lse_ptr + row)
         g_scaled = tl.load(grad_ptr + row) * scale
         for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            p = tl.exp(load_tile(x_row, cols, V, scale) - lse)
+            cols = start + tl.arange(0, BLOCK_V)                                # (BLOCK_V,)
+            p = tl.exp(log_softmax_tile(x_row, cols, V, scale, lse))
             dx = g_scaled * (tl.where(cols == target, 1.0, 0.0) - p)
             tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < V)
 
@@ -67,6 +68,7 @@ class TokenLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, targets, lse = ctx.saved_tensors
         dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
