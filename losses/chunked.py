@@ -107,8 +107,8 @@ class FusedLinearSum(torch.autograd.Function):
     def forward(ctx, hidden, weight, weights, token_fn, rows, chunk_size):
         need_h, need_w = ctx.needs_input_grad[:2]
         dtype = _compute_dtype(hidden)
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
         acc_dtype = torch.promote_types(dtype, torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_w else None
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         w = weight.to(dtype)  # (V, d), a copy only when autocast lowers the precision
@@ -117,16 +117,12 @@ class FusedLinearSum(torch.autograd.Function):
             row_args = [as_logits(r[chunk]) for r in rows]  # a teacher Head projects under the caller's autocast
             with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
                 h = hidden[chunk].to(dtype)  # (c, d)
-                logits = upcast(h @ w.T).requires_grad_(need_h or need_w)  # (c, V)
-                with torch.enable_grad():
-                    loss = (token_fn(logits, *row_args) * weights[chunk]).sum()
-                if need_h or need_w:
-                    g = torch.autograd.grad(loss, logits)[0].to(dtype)  # (c, V) dL/dlogits
-                    if need_h:
-                        grad_hidden[chunk] = g @ w  # (c, d)
-                    if need_w:
-                        _accumulate(grad_weight, g.T, h)  # (V, d)
-                total += loss.detach()
+                loss, g = _chunk_loss_and_grad(token_fn, h, w, row_args, weights[chunk], need_h or need_w)
+                if need_h:
+                    grad_hidden[chunk] = g @ w  # (c, d)
+                if need_w:
+                    _accumulate(grad_weight, g.T, h)  # (V, d)
+            total += loss
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
@@ -139,6 +135,17 @@ class FusedLinearSum(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunk_loss_and_grad(token_fn, h, w, row_args, weights, need_grad: bool):
+    """sum_i weights_i * token_fn(h_i @ w.T) on one chunk and its gradient w.r.t. the chunk's logits
+    (in h's dtype for the two gradient matmuls; None when no gradient is needed)."""
+    logits = upcast(h @ w.T).requires_grad_(need_grad)  # (c, V)
+    with torch.enable_grad():
+        loss = (token_fn(logits, *row_args) * weights).sum()
+    if not need_grad:
+        return loss, None
+    return loss.detach(), torch.autograd.grad(loss, logits)[0].to(h.dtype)  # (c, V) dL/dlogits
 
 
 def _head_values(token_fn, hidden, weight, *rows):
@@ -167,6 +174,15 @@ def flatten_tokens(x, lead: torch.Size, name: str):
     return x.reshape(n, *x.shape[len(lead):])
 
 
+def _token_weights(mask, lead: torch.Size, device: torch.device):
+    """Per-token weights [n] and the indices of the tokens that count (None when all do)."""
+    if mask is None:
+        return torch.ones(lead.numel(), device=device), None
+    weights = flatten_tokens(mask, lead, "mask").float()
+    keep = weights.nonzero().squeeze(1)
+    return weights, (None if len(keep) == lead.numel() else keep)
+
+
 def reduce_tokens(token_fn: TokenFn, logits: Logits, rows=(), mask: torch.Tensor | None = None,
                   reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Apply a per-token loss to logits [..., V] or a Head, weight the tokens by `mask`, and reduce.
@@ -186,15 +202,9 @@ def reduce_tokens(token_fn: TokenFn, logits: Logits, rows=(), mask: torch.Tensor
     n = lead.numel()
     logits = flatten_tokens(logits, lead, "logits")
     rows = [flatten_tokens(r, lead, f"row argument {i}") for i, r in enumerate(rows)]
-    if mask is None:
-        weights, keep = torch.ones(n, device=logits.device), None
-    else:
-        weights = flatten_tokens(mask, lead, "mask").float()
-        keep = weights.nonzero().squeeze(1)  # drop masked tokens before any vocab-sized work
-        if len(keep) == n:
-            keep = None
-        else:
-            logits, rows, weights = logits[keep], [r[keep] for r in rows], weights[keep]
+    weights, keep = _token_weights(mask, lead, logits.device)
+    if keep is not None:  # drop masked tokens before any vocabulary-sized work
+        logits, rows, weights = logits[keep], [r[keep] for r in rows], weights[keep]
     if reduction == "none":
         values = _token_values(token_fn, logits, rows, chunk_size) * weights  # (n_kept,)
         if keep is not None:
