@@ -62,26 +62,48 @@ def run_main(args: list[str]) -> int:
     return train.main(args)
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(workspace, tmp_path):
-    """torchrun 2 ranks x 2 micro-batches of 1 == 1 process x 2 micro-batches of 2 (same global batch of 4).
-
-    Adam's default eps (1e-8) makes an update ~lr * sign(g) for |g| >> eps, so a gradient element
-    near 0 whose sign differs by float rounding (different padding, matmul shapes) moves by 2 lr;
-    eps = 1e-3 keeps the update Lipschitz in g so 1e-5 checks the gradients, not rounding luck.
-    """
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    common = ("--max-steps", "3", "--set", "data.grad_accum_steps=2", "--set", "optim.eps=1e-3")
-    assert run_main(base_args(workspace, single, *common, "--set", "data.micro_batch_size=2")) == 0
+def torchrun(args: list[str]):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train.py"), *base_args(workspace, multi, *common, "--set", "data.micro_batch_size=1")]
+           str(ROOT / "train.py"), *args]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = final_weights(single), final_weights(multi)
+
+
+# Adam's default eps (1e-8) makes an update ~lr * sign(g) for |g| >> eps, so a gradient element near 0
+# whose sign differs by float rounding (other padding, other matmul shapes) moves by 2 lr; eps = 1e-3
+# keeps the update Lipschitz in g, so a 1e-5 tolerance checks the gradients, not rounding luck.
+RANKS_COMMON = ("--max-steps", "3", "--set", "data.grad_accum_steps=2", "--set", "optim.eps=1e-3")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    assert run_main(base_args(workspace, out, *RANKS_COMMON, "--set", "data.micro_batch_size=2")) == 0
+    return out
+
+
+def assert_weights_close(a: dict, b: dict, atol: float):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(workspace, tmp_path, one_process_run):
+    """torchrun DDP 2 ranks x 2 micro-batches of 1 == 1 process x 2 micro-batches of 2 (same global batch of 4)."""
+    multi = tmp_path / "multi"
+    torchrun(base_args(workspace, multi, *RANKS_COMMON, "--set", "data.micro_batch_size=1"))
+    assert_weights_close(final_weights(one_process_run), final_weights(multi), atol=1e-5)
     steps = [json.loads(line)["step"] for line in (multi / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_fsdp_two_ranks_with_resume_equal_one_rank(workspace, tmp_path, one_process_run):
+    """FSDP2 (gloo, CPU): stopped after step 2, resumed from the gathered checkpoint, == 1 process."""
+    out = tmp_path / "fsdp"
+    args = base_args(workspace, out, *RANKS_COMMON, "--set", "data.micro_batch_size=1", "--set", "parallel=fsdp")
+    torchrun(args + ["--set", "stop_at=2"])
+    torchrun(args + ["--resume"])
+    assert_weights_close(final_weights(one_process_run), final_weights(out), atol=1e-5)
 
 
 def stage_args(ws: Path, stage: str) -> list[str]:

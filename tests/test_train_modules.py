@@ -1,0 +1,244 @@
+"""The trainer's parts against independent references: config loading, the LR schedule, sharding,
+padding, the global-token normalisation, KD objectives (naive full-logit KL), checkpoints, plots."""
+from __future__ import annotations
+
+import math
+import random
+import re
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from model.config import PRESETS
+from model.transformer import Transformer
+from trainer.batches import collate, rank_micro_batches, shifted_targets
+from trainer.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, apply_dict, load_config, to_toml
+from trainer.distributed import Dist
+from trainer.metrics import Metrics, plot_metrics, read_metrics
+from trainer.stages import count_tokens, kd_objective, make_objective, sft_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"model": "tiny-student", "out": "runs/x", "data.path": "train.jsonl"}
+CPU = Dist(rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def tiny(vocab: int = 37, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(replace(PRESETS["tiny-student"], vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+
+
+def random_batch(lengths: list[int], vocab: int = 37, prompt: int = 3, seed: int = 0) -> dict:
+    """Right-padded rows of the given lengths, loss on everything after the first `prompt` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        examples.append((ids, [-100] * prompt + ids[prompt:]))
+    return collate(examples, pad_id=0, device="cpu")
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_precedence_types_and_errors(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('max_steps = 7\nstage = "kd"\n[optim]\nlr = 1\n[kd]\nteacher = "t"\nalpha = 0.25\n')
+    cfg = load_config(str(recipe), {**REQUIRED, "stage": None}, [("max_steps", "9"), ("kd.loss", "reverse_kl")])
+    assert (cfg.max_steps, cfg.stage, cfg.optim.lr, cfg.kd.alpha, cfg.kd.loss) == (9, "kd", 1.0, 0.25, "reverse_kl")
+    assert isinstance(cfg.optim.lr, float)  # TOML int accepted for a float field
+    again = TrainConfig()
+    apply_dict(again, tomllib.loads(to_toml(cfg)), "resolved")
+    assert again == cfg  # the written config is a recipe reproducing the run
+    cases = [({"max_steps": "x"}, "'max_steps' expects int"), ({"optim.beta2": "1.5"}, "'optim.beta2' must be in [0, 1]"),
+             ({"kd.loss": "kl"}, "'kd.loss' must be one of"), ({"data.max_len": "0"}, "'data.max_len' must be > 0"),
+             ({"optim": "1"}, "is a section"), ({"optimizer.lr": "1"}, "unknown config key 'optimizer.lr'")]
+    for override, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(None, REQUIRED, list(override.items()))
+    with pytest.raises(ValueError, match="'kd.teacher' is required"):
+        load_config(None, {**REQUIRED, "stage": "kd"}, [])
+    recipe.write_text("[data]\nbatch = 3\n")
+    with pytest.raises(ValueError, match=r"r\.toml: unknown config key 'data\.batch'"):
+        load_config(str(recipe), REQUIRED, [])
+
+
+def test_every_recipe_loads():
+    recipes = sorted((ROOT / "recipes").glob("*.toml"))
+    assert recipes
+    for recipe in recipes:
+        cfg = load_config(str(recipe), {"model": "m", "out": "o", "data.path": "d", "kd.teacher": "t"}, [])
+        assert cfg.stage in ("sft", "kd"), recipe
+
+
+def test_cli_overrides_parse():
+    args, overrides = train.parse_args(["--max-steps", "3", "--optim.lr", "1e-3", "--set", "kd.alpha=0.5"])
+    assert overrides == [("max_steps", "3"), ("optim.lr", "1e-3"), ("kd.alpha", "0.5")]
+    with pytest.raises(ValueError, match="--key value"):
+        train.parse_args(["--max-steps"])
+
+
+# ---------------------------------------------------------------- schedule
+
+def test_lr_schedule_matches_closed_form():
+    cfg = train.OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    assert [train.lr_at(s, cfg, 104) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.lr_at(4, cfg, 104) == pytest.approx(1.0)
+    assert train.lr_at(54, cfg, 104) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos(pi/2) = 0
+    assert train.lr_at(104, cfg, 104) == pytest.approx(0.1)
+    for s in range(4, 104):
+        assert train.lr_at(s + 1, cfg, 104) <= train.lr_at(s, cfg, 104)
+
+
+# ---------------------------------------------------------------- batches
+
+def test_rank_shards_are_disjoint_and_cover_the_global_batch():
+    examples = [([i], [i]) for i in range(23)]  # 23 examples, global batch 2 x 3 x 2 = 12 -> 1 step per epoch
+    def ids(step, rank, world, mb, accum):
+        return [e[0][0] for m in rank_micro_batches(examples, step, 5, mb, accum, rank, world) for e in m]
+    for step in range(3):
+        shards = [ids(step, r, 2, 2, 3) for r in range(2)]
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1]) == sorted(ids(step, 0, 1, 4, 3))  # the same global batch, split differently
+        assert len(set(shards[0] + shards[1])) == 12
+    assert ids(0, 0, 2, 2, 3) == ids(0, 0, 2, 2, 3)  # deterministic
+    assert ids(0, 0, 2, 2, 3) != ids(1, 0, 2, 2, 3)  # a new epoch reshuffles
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        rank_micro_batches(examples[:5], 0, 0, 2, 3, 0, 1)
+
+
+def test_collate_right_pads_and_shifts():
+    batch = collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert shifted_targets(batch["labels"]).tolist() == [[6, 7, -100], [-100, -100, -100]]
+    assert count_tokens(batch).item() == 2
+
+
+# ---------------------------------------------------------------- objectives and normalisation
+
+def test_sft_objective_is_the_summed_cross_entropy_of_full_logits():
+    model, batch = tiny(), random_batch([9, 5, 7])
+    cfg = replace(TrainConfig(), chunk_size=4)
+    loss, parts = sft_objective(model, batch, cfg)
+    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+    expected = F.cross_entropy(logits.flatten(0, 1), shifted_targets(batch["labels"]).flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_global_token_normalisation_equals_one_big_batch():
+    """Micro-batches of very different token counts: sum / global count == mean over the merged batch."""
+    lengths = [4, 20, 6, 17, 5]
+    merged_model, split_model = tiny(), tiny()
+    cfg = replace(TrainConfig(), chunk_size=8)
+    objective = make_objective(cfg)
+    merged = random_batch(lengths)
+    # the same rows, split 2 + 3 (each micro-batch padded to its own longest row)
+    split = [collate([(r[m.bool()].tolist(), l[m.bool()].tolist()) for r, l, m in
+                      zip(merged["input_ids"][s], merged["labels"][s], merged["attention_mask"][s])], 0, "cpu")
+             for s in (slice(0, 2), slice(2, 5))]
+    train.train_step(merged_model, [merged], objective, cfg, CPU)
+    sums = train.train_step(split_model, split, objective, cfg, CPU)
+    logits = tiny()(merged["input_ids"], merged["attention_mask"])
+    mean_ce = F.cross_entropy(logits.flatten(0, 1), shifted_targets(merged["labels"]).flatten())
+    torch.testing.assert_close(sums["loss"], mean_ce.detach(), rtol=1e-5, atol=1e-6)
+    a, b = grads(merged_model), grads(split_model)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def naive_kd(student_logits, teacher_logits, vocab, temperature, beta):
+    """Generalized JSD on full logits sliced to `vocab`, written out from its definition (GKD, scaled)."""
+    logq = F.log_softmax(student_logits[..., :vocab].double() / temperature, -1)
+    logp = F.log_softmax(teacher_logits[..., :vocab].double() / temperature, -1)
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)  # noqa: E731
+    if beta == 0:
+        return kl(logp, logq)
+    if beta == 1:
+        return kl(logq, logp)
+    logm = torch.logsumexp(torch.stack([logp + math.log(beta), logq + math.log(1 - beta)]), 0)
+    return (beta * kl(logp, logm) + (1 - beta) * kl(logq, logm)) / (beta * (1 - beta))
+
+
+@pytest.mark.parametrize("loss,beta", [("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", 0.3)])
+def test_kd_objective_aligns_padded_heads_and_matches_naive(loss, beta):
+    """Teacher head padded with 5 rows beyond the 37-id tokenizer: compared on the 37 real ids only."""
+    student, teacher = tiny(vocab=37), tiny(vocab=42, seed=1)
+    with torch.no_grad():
+        teacher.embed_tokens.weight[37:] = 10.0  # padded rows that would dominate if not sliced away
+    batch = random_batch([8, 5, 11])
+    cfg = replace(TrainConfig(), chunk_size=5)
+    cfg.kd = replace(cfg.kd, loss=loss, beta=0.3, temperature=1.7, alpha=0.4)
+    total, parts = kd_objective(student, batch, cfg, teacher, vocab_size=37)
+    targets = shifted_targets(batch["labels"])
+    mask = targets != -100
+    s_logits = student(batch["input_ids"], batch["attention_mask"])
+    t_logits = teacher(batch["input_ids"], batch["attention_mask"])
+    kd = naive_kd(s_logits, t_logits, 37, 1.7, beta)[mask].sum()
+    ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    torch.testing.assert_close(parts["kd"].double(), kd.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(total.double(), (0.4 * ce + 0.6 * kd).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_kd_with_teacher_equal_to_student_is_zero_with_zero_gradient():
+    student, teacher = tiny(), tiny()
+    teacher.requires_grad_(False)
+    batch = random_batch([7, 9])
+    cfg = TrainConfig()
+    cfg.kd = replace(cfg.kd, alpha=0.0, loss="forward_kl")
+    loss, parts = kd_objective(student, batch, cfg, teacher, vocab_size=37)
+    assert abs(parts["kd"].item()) < 1e-5 and parts["ce"].item() > 1  # the CE part is live, only weighted 0
+    loss.backward()
+    assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6
+
+
+# ---------------------------------------------------------------- checkpoints and records
+
+def test_checkpoint_round_trip_restores_everything_and_keeps_last(tmp_path):
+    model = tiny()
+    optimizer = train.build_optimizer(model, train.OptimConfig())
+    sft_objective(model, random_batch([6, 4]), TrainConfig())[0].backward()
+    optimizer.step()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, model, optimizer, step, {"config": {"x": 1}}, keep_last=2, is_main=True, sharded=False)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
+    fresh = tiny(seed=3)
+    fresh_opt = train.build_optimizer(fresh, train.OptimConfig())
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    state = load_checkpoint(checkpoint_paths(tmp_path)[-1], fresh, fresh_opt, 0, 1, sharded=False)
+    assert state["step"] == 3 and state["config"] == {"x": 1}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected[0]) and (random.random(), np.random.rand()) == expected[1:]
+    torn = tmp_path / "checkpoints" / "step_00000009.pt"
+    torn.write_bytes(checkpoint_paths(tmp_path)[-1].read_bytes()[:1000])
+    with pytest.raises(ValueError, match="step_00000009.pt is unreadable"):
+        load_checkpoint(torn, fresh, fresh_opt, 0, 1, sharded=False)
+    with pytest.raises(ValueError, match="written by 1 ranks"):
+        load_checkpoint(checkpoint_paths(tmp_path)[0], fresh, fresh_opt, 0, 2, sharded=False)
+
+
+def test_metrics_truncate_on_resume_and_plot(tmp_path):
+    m = Metrics(tmp_path, 0, 5, enabled=True)
+    for step in range(1, 5):
+        m.log({"step": step, "loss": 1.0 / step, "lr": 0.1})
+    m.close()
+    m = Metrics(tmp_path, 2, 5, enabled=True)  # resumed from the step-2 checkpoint
+    m.log({"step": 3, "loss": 0.3, "lr": 0.1})
+    m.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    note = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots.png")
+    assert note.startswith("plots written") and (tmp_path / "plots.png").stat().st_size > 1000
