@@ -39,17 +39,25 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape [B, 1, T, head_dim] for integer positions [B, T] (fp32 math, then cast)."""
+    """cos = [cos, cos] and signed sin = [-sin, sin], each [B, 1, T, head_dim], for positions [B, T].
+
+    Angles are computed in fp32, then cast. Folding rotate-half's minus sign into `sin` lets
+    `apply_rope` swap the halves with one flip instead of a negation and a concatenation.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+hd/2}) by angle position * theta^(-2i/hd): x*cos + rotate_half(x)*sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate pairs (x_i, x_{i+hd/2}) by angle position * theta^(-2i/hd).
+
+    HF's x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1], written as
+    x*cos + [x2, x1]*[-sin, sin] (the sign lives in `sin`): same numbers, fewer passes over x.
+    """
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class KVCache:
@@ -100,6 +108,22 @@ class KVCache:
         return out
 
 
+def linear_group(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """[linear(x) for linear in linears], computed as one GEMM over the stacked weights when training.
+
+    With autograd on, one GEMM to sum(out_features) replaces several, and the backward computes the
+    input gradient with one GEMM instead of several GEMMs plus the adds that sum them (q/k/v, and
+    gate/up, share their input). Without autograd nothing is saved and the concatenation would copy
+    every weight on each decoding step, so each linear runs alone. Modules that are not plain
+    nn.Linear (e.g. adapter wrappers) are always called as themselves.
+    """
+    if not torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears):
+        return [m(x) for m in linears]
+    weight = torch.cat([m.weight for m in linears])  # (sum of out_features, d)
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -116,9 +140,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, slots=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = linear_group(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
@@ -140,7 +165,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group(x, [self.gate_proj, self.up_proj])  # (B, T, f) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
