@@ -233,3 +233,14 @@ def test_bad_input_errors():
         generate(model, [[1, 2], []], SamplingParams(), stop_ids=[])
     with pytest.raises(ValueError, match="prompt 0 has a token id outside"):
         generate(model, [[1, VOCAB]], SamplingParams(), stop_ids=[])
+
+
+def test_runs_under_bf16_autocast():
+    model = tiny_model()
+    prompts = ragged_prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=9), stop_ids=[])
+        for c in out:
+            logits = full_logits(model, prompts[c.prompt_index], c.tokens).float()  # (6, V)
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(1)
+            torch.testing.assert_close(torch.tensor(c.logprobs_t1), expected, atol=0.05, rtol=0)  # bf16 matmuls
