@@ -22,8 +22,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.log_softmax import log_softmax_reference
-from kernels.online_softmax import (launch_config, load_tile, log_softmax_tile, online_softmax_step, rows, tl,
-                                    triton)
+from kernels.online_softmax import (contiguous_rows, launch_config, load_tile, log_softmax_tile,
+                                    online_softmax_step, tl, triton)
 
 
 @triton.jit
@@ -68,7 +68,7 @@ class KLDiv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, temperature, reverse):
-        student, teacher = rows(student_logits), rows(teacher_logits)
+        student, teacher = contiguous_rows(student_logits), contiguous_rows(teacher_logits)
         a, b = (student, teacher) if reverse else (teacher, student)
         n, v = student.shape
         kl, lse_a, lse_b = (torch.empty(n, dtype=torch.float32, device=student.device) for _ in range(3))

@@ -12,7 +12,7 @@ recomputes p = exp(z - lse) tile by tile, which reads bf16 logits instead of fp3
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.online_softmax import launch_config, log_softmax_tile, row_logsumexp, rows, tl, triton
+from kernels.online_softmax import contiguous_rows, launch_config, log_softmax_tile, row_logsumexp, tl, triton
 
 
 @triton.jit
@@ -67,7 +67,7 @@ class LogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits):
-        logits = rows(logits)
+        logits = contiguous_rows(logits)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         _logsumexp_kernel[(logits.shape[0],)](logits, logits.stride(0), lse, **launch_config(logits.shape[1]))
         ctx.save_for_backward(logits, lse)
@@ -88,7 +88,7 @@ class LogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, temperature):
-        logits = rows(logits)
+        logits = contiguous_rows(logits)
         n, v = logits.shape
         out = torch.empty((n, v), dtype=torch.float32, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -101,7 +101,7 @@ class LogSoftmax(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         logits, lse = ctx.saved_tensors
-        grad = rows(grad)   # a broadcast gradient (from .sum()) has stride 0 along V
+        grad = contiguous_rows(grad)   # a broadcast gradient (from .sum()) has stride 0 along V
         dx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         _log_softmax_backward_kernel[(logits.shape[0],)](logits, logits.stride(0), lse, grad, grad.stride(0), dx,
                                                          ctx.scale, **launch_config(logits.shape[1]))

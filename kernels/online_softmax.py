@@ -38,7 +38,7 @@ def launch_config(vocab_size: int) -> dict:
     return dict(V=vocab_size, BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
 
 
-def rows(x):
+def contiguous_rows(x):
     """x with unit stride along the vocabulary, as every kernel indexes row * stride + column."""
     return x if x.stride(-1) == 1 else x.contiguous()
 

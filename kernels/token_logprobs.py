@@ -13,7 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.log_softmax import log_softmax_reference
-from kernels.online_softmax import launch_config, log_softmax_tile, row_logsumexp, rows, tl, triton
+from kernels.online_softmax import contiguous_rows, launch_config, log_softmax_tile, row_logsumexp, tl, triton
 
 
 @triton.jit
@@ -57,7 +57,7 @@ class TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index):
-        logits, targets = rows(logits), targets.contiguous()
+        logits, targets = contiguous_rows(logits), targets.contiguous()
         n, v = logits.shape
         out = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)   # left unset at ignored rows
