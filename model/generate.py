@@ -55,7 +55,8 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("n", self.n >= 1, ">= 1"),
-            ("stop_strings", isinstance(self.stop_strings, tuple) and all(self.stop_strings), "a tuple of non-empty strings"),
+            ("stop_strings", isinstance(self.stop_strings, tuple) and all(self.stop_strings),
+             "a tuple of non-empty strings"),
             ("seed", self.seed >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:
@@ -179,7 +180,8 @@ def _prefill(model: Transformer, prompts: list[list[int]], params: SamplingParam
 def _generate_group(model, prompts, first_index, params, stop_ids, tokenizer) -> list[Completion]:
     logits, cache = _prefill(model, prompts, params)  # (R, V)
     R, steps, device = logits.shape[0], params.max_new_tokens, logits.device
-    uniforms = None if params.temperature == 0 else _row_uniforms(params, range(first_index, first_index + len(prompts)), device)
+    prompt_indices = range(first_index, first_index + len(prompts))
+    uniforms = None if params.temperature == 0 else _row_uniforms(params, prompt_indices, device)  # (R, steps)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     stop_strings = StopStrings(tokenizer, params.stop_strings, R) if params.stop_strings else None
     tokens = torch.zeros(R, steps, dtype=torch.long, device=device)
@@ -188,7 +190,8 @@ def _generate_group(model, prompts, first_index, params, stop_ids, tokenizer) ->
     done = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
     for t in range(steps):
-        token, logprobs[:, t], logprobs_t1[:, t] = sample_next(logits, params, None if uniforms is None else uniforms[:, t])
+        u = None if uniforms is None else uniforms[:, t]  # (R,)
+        token, logprobs[:, t], logprobs_t1[:, t] = sample_next(logits, params, u)
         tokens[:, t] = token
         lengths += ~done
         if stop_strings is not None:
@@ -249,7 +252,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     was_training = model.training
     model.eval()
     try:
-        return [c for start in range(0, len(prompts), batch_size)
-                for c in _generate_group(model, prompts[start:start + batch_size], start, params, set(stop_ids), tokenizer)]
+        groups = [_generate_group(model, prompts[start:start + batch_size], start, params, set(stop_ids), tokenizer)
+                  for start in range(0, len(prompts), batch_size)]
+        return [c for group in groups for c in group]
     finally:
         model.train(was_training)
