@@ -15,6 +15,9 @@ world_size. The update is then that of one big batch: 1 rank x 4 accumulation st
 more than one of a long micro-batch.
 
 Stage "kd" adds a frozen teacher: loss = alpha * CE + (1 - alpha) * KD (trainer/stages.py).
+Stage "gen" is sequence-level KD's first half: --model (the teacher) samples solutions to the
+--data questions and writes <out>/traces.jsonl, which `--stage sft --set data.format=prompt_completion`
+then trains on (trainer/traces.py).
 Outputs in --out: config.toml (resolved config), metrics.jsonl, checkpoints/step_*.pt (training
 state), final/ (HF layout + tokenizer files), plots.png, and DONE once everything is written.
 """
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from data.readers import load_gsm8k
+from data.synthetic import write_jsonl
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS
 from model.tokenizer import check_vocab, load_tokenizer
@@ -41,6 +46,7 @@ from trainer.config import OptimConfig, TrainConfig, load_config, to_toml
 from trainer.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
 from trainer.metrics import Metrics, plot_metrics
 from trainer.stages import count_tokens, make_objective
+from trainer.traces import summary, teacher_traces
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -51,7 +57,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", help="TOML recipe (recipes/*.toml); flags and overrides win over it")
-    p.add_argument("--stage", choices=("sft", "kd", "rl"))
+    p.add_argument("--stage", choices=("sft", "kd", "gen", "rl"))
     p.add_argument("--model", help="preset name (random init) or HF-layout directory")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     p.add_argument("--data", help="training JSONL")
@@ -229,13 +235,36 @@ def main(argv=None) -> int:
     try:
         args, overrides = parse_args(argv)
         d = init_distributed()
-        train(resolve_config(args, overrides), args.resume, d)
+        cfg = resolve_config(args, overrides)
+        if cfg.stage == "gen":
+            gen(cfg, d)
+        else:
+            train(cfg, args.resume, d)
         return 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         cleanup()
+
+
+def gen(cfg: TrainConfig, d: Dist):
+    """Teacher traces for sequence-level KD: <out>/traces.jsonl (prompt/completion rows), then DONE."""
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(cfg, tokenizer, d.device)
+    if not Path(cfg.data.path).is_file():
+        raise FileNotFoundError(f"data file {cfg.data.path} not found")
+    rows = load_gsm8k(cfg.data.path)
+    with autocast(cfg, d.device):
+        traces = teacher_traces(model, tokenizer, rows, cfg, d)
+    prepare_out(cfg, None, d)
+    if d.is_main:
+        out = Path(cfg.out)
+        write_jsonl(out / "traces.jsonl", traces)
+        print(summary(rows, traces, cfg))
+        (out / "DONE").write_text(f"{len(traces)} traces\n")
+    barrier()
 
 
 def train(cfg: TrainConfig, resume: str | None, d: Dist):

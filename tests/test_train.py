@@ -227,3 +227,28 @@ def test_existing_run_needs_resume_and_same_config(workspace, tmp_path, capsys):
     assert "already holds checkpoints" in capsys.readouterr().err
     assert run_main(base_args(workspace, out, "--resume", "--set", "optim.lr=1e-3")) == 2
     assert "different config: optim.lr" in capsys.readouterr().err
+
+
+def test_gen_stage_writes_traces_that_sft_trains_on(workspace, tmp_path):
+    """Sequence-level KD end to end: a (random) teacher samples traces, SFT reads them."""
+    from data.graders import gsm8k
+    from data.readers import load_gsm8k
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(2)
+    save_pretrained(Transformer(replace(PRESETS["tiny-student"], vocab_size=400)), teacher)
+    (teacher / "tokenizer.model").write_bytes((workspace / "tok" / "tokenizer.model").read_bytes())
+    out = tmp_path / "gen"
+    assert run_main(["--stage", "gen", "--model", str(teacher), "--data", str(workspace / "eval.jsonl"), "--out", str(out),
+                     "--set", "gen.n=4", "--set", "gen.max_new_tokens=48", "--set", "gen.only_correct=false",
+                     "--set", "gen.temperature=1.0"]) == 0
+    assert (out / "DONE").exists()
+    rows = {r["id"]: r for r in load_gsm8k(workspace / "eval.jsonl")}
+    traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert traces and len({(t["id"], t["sample"]) for t in traces}) == len(traces)
+    for t in traces:
+        assert rows[t["id"]]["question"] in t["prompt"]
+        assert t["score"] == gsm8k.grade(t["completion"], rows[t["id"]]["reference"]).score
+    sft = tmp_path / "sft"
+    assert run_main(base_args(workspace, sft, "--data", str(out / "traces.jsonl"), "--max-steps", "1",
+                              "--set", "data.format=prompt_completion", "--set", "data.micro_batch_size=1")) == 0
+    assert (sft / "DONE").exists()

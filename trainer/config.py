@@ -51,8 +51,19 @@ class KDConfig:
 
 
 @dataclass
+class GenConfig:
+    """Stage gen: the model (a teacher) samples training traces for sequence-level KD (trainer/traces.py)."""
+    n: int = 4  # samples per question
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    only_correct: bool = True  # keep only traces the gsm8k grader scores correct
+    batch_size: int = 64  # prompts prefilled together
+
+
+@dataclass
 class TrainConfig:
-    stage: str = "sft"  # sft | kd (rl plugs into the same loop later)
+    stage: str = "sft"  # sft | kd | gen (teacher traces for sequence-level KD); rl plugs in later
     model: str = ""  # preset name from model.config.PRESETS (random init) or an HF-layout directory
     tokenizer: str = ""  # tokenizer directory; defaults to the model directory when that has one
     out: str = ""  # run directory
@@ -70,15 +81,18 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
 
 
-CHOICES = {"stage": ("sft", "kd"), "parallel": ("ddp", "fsdp"),
+CHOICES = {"stage": ("sft", "kd", "gen"), "parallel": ("ddp", "fsdp"),
            "data.format": ("gsm8k", "chat", "prompt_completion"), "data.style": ("chat", "fewshot"),
            "kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.teacher_dtype": ("float32", "bfloat16", "float16")}
 POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
-            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature")
-NON_NEGATIVE = ("stop_at", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps")
-UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha")
+            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "gen.n",
+            "gen.max_new_tokens", "gen.batch_size", "gen.top_p")
+NON_NEGATIVE = ("stop_at", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps",
+                "gen.temperature")
+UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha", "gen.top_p")
 
 
 def set_value(config: TrainConfig, key: str, value, source: str):
@@ -137,6 +151,9 @@ def validate(config: TrainConfig):
         for key in keys:
             if not ok(get_value(config, key)):
                 raise ValueError(f"config key {key!r} must be {what}, got {get_value(config, key)!r}")
+    if config.stage == "gen" and config.data.format != "gsm8k":
+        raise ValueError(f"stage 'gen' reads questions with references: config key 'data.format' must be "
+                         f"'gsm8k', got {config.data.format!r}")
     for key in ("model", "out", "data.path") + (("kd.teacher",) if config.stage == "kd" else ()):
         if not get_value(config, key):
             raise ValueError(f"config key {key!r} is required (stage {config.stage})")
