@@ -8,8 +8,9 @@ Forward + backward on CPU, fp32, at the Qwen2.5-0.5B head (d = 896, V = 151,936)
 - grpo_fused: the same objective written as one per-token loss through the fused "sum" path.
 
 Each (case, variant) runs in its own fresh subprocess, one after another (the naive KD alone needs
-several x 2.5 GB). Peak memory = peak RSS (VmHWM, reset once the inputs exist) during two forward+backward steps minus
-the RSS at that point; time = the second step. Targets: chunked peak <= 15% of naive, time <= 1.2x.
+several x 2.5 GB). Peak memory = peak RSS (VmHWM, reset once the inputs exist) over `--steps`
+forward+backward steps, minus the RSS at that point; time = the last step.
+Targets: chunked peak <= 15% of naive, time <= 1.2x naive.
 
     python bench/bench_losses.py            # full size (several minutes on 2 cores, ~16 GB free RAM)
     python bench/bench_losses.py --quick    # smoke run: N = 1024, V = 32000
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import Head, cross_entropy, forward_kl, reduce_tokens, token_logprobs  # noqa: E402
+from losses import DEFAULT_CHUNK_SIZE, Head, cross_entropy, forward_kl, reduce_tokens, token_logprobs  # noqa: E402
 
 CASES = ("kd", "ce", "logprobs", "grpo_fused")
 TEMPERATURE = 0.7  # sampling temperature of the log-probs cases
@@ -84,11 +85,11 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024  # kB
 
 
-def worker(case: str, variant: str, n: int, d: int, vocab: int, chunk_size: int) -> dict:
+def worker(case: str, variant: str, n: int, d: int, vocab: int, chunk_size: int, steps: int) -> dict:
     x = make_inputs(n, d, vocab)
     base = reset_peak_rss()
     seconds = 0.0
-    for _ in range(2):  # the first step warms the allocator; the second is timed
+    for _ in range(steps):  # the last step is timed (earlier ones warm the allocator)
         start = time.perf_counter()
         loss = naive_loss(case, x) if variant == "naive" else chunked_loss(case, x, chunk_size)
         grad_h, grad_w = torch.autograd.grad(loss, (x["hidden"], x["weight"]))
@@ -99,7 +100,7 @@ def worker(case: str, variant: str, n: int, d: int, vocab: int, chunk_size: int)
 
 def run_variant(case, variant, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, variant, "--n", str(args.n), "--d", str(args.d),
-           "--vocab", str(args.vocab), "--chunk-size", str(args.chunk_size)]
+           "--vocab", str(args.vocab), "--chunk-size", str(args.chunk_size), "--steps", str(args.steps)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{case}/{variant} failed:\n{out.stderr}")
@@ -112,12 +113,13 @@ def main():
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=896)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--steps", type=int, default=2, help="forward+backward steps per variant; the last is timed")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.n, args.d, args.vocab, args.chunk_size)))
+        print(json.dumps(worker(*args.worker, args.n, args.d, args.vocab, args.chunk_size, args.steps)))
         return
     if args.quick:
         args.n, args.vocab = 1024, 32000
