@@ -157,13 +157,14 @@ def train_step(model, micro_batches, objective, cfg: TrainConfig, d: Dist) -> di
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()  # DDP: one all-reduce
-        with sync, autocast(cfg, d.device):
-            loss_sum, parts = objective(model, batch)
+        with sync:
+            with autocast(cfg, d.device):
+                loss_sum, parts = objective(model, batch)
             (loss_sum * d.world_size / n_global.clamp(min=1)).backward()
         for name, value in {"loss": loss_sum.detach(), **parts}.items():
             sums[name] = sums.get(name, 0.0) + value.float()
     sums = {k: all_reduce_sum(v) / n_global.clamp(min=1) for k, v in sums.items()}
-    return {"tokens": n_global, **sums}
+    return {"loss_tokens": n_global, **sums}
 
 
 def count_inputs(micro_batches) -> float:
@@ -231,12 +232,13 @@ def export(model, tokenizer_dir: str, out: Path, is_main: bool, sharded: bool):
 
 
 def main(argv=None) -> int:
-    d = None
     try:
         args, overrides = parse_args(argv)
         d = init_distributed()
         cfg = resolve_config(args, overrides)
         if cfg.stage == "gen":
+            if args.resume:
+                raise ValueError("--resume applies to training stages; stage 'gen' writes its traces in one go")
             gen(cfg, d)
         else:
             train(cfg, args.resume, d)

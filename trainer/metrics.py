@@ -1,5 +1,9 @@
 """Run records: `metrics.jsonl` (one JSON object per logged step), a tqdm bar, and `plots.png`.
 
+A record: step, loss (and its parts ce / kd), each a sum over the step's valid target tokens divided
+by their global count `loss_tokens`; lr; grad_norm (before clipping); tokens_per_s (non-padding
+input tokens of all ranks per second of the step); epoch; elapsed_s; eval_loss when evaluated.
+
 Only rank 0 records. On resume the file is cut back to the checkpoint's step, so the records of
 steps that were redone after a crash appear once.
 """
