@@ -197,6 +197,9 @@ def bad_inputs(ws: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     recipe.write_text("max_steps = 4\n[optim]\nlearning_rate = 1e-3\n")
     small_teacher = tmp / "small_teacher"
     save_pretrained(Transformer(replace(PRESETS["tiny-student"], vocab_size=300)), small_teacher)
+    other_tokenizer = tmp / "other_tokenizer"  # big enough head, but a tokenizer trained on other text
+    save_pretrained(Transformer(replace(PRESETS["tiny-student"], vocab_size=400)), other_tokenizer)
+    train_tokenizer([f"{i} apples and {i + 1} pears\n" for i in range(200)], other_tokenizer, vocab_size=330)
     return {
         "missing data file": (["--data", str(tmp / "nope.jsonl")], "nope.jsonl not found"),
         "malformed JSONL line": (["--data", str(malformed)], "malformed.jsonl:2: invalid JSON"),
@@ -205,6 +208,7 @@ def bad_inputs(ws: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "out of range": (["--set", "optim.lr=-1.0"], "'optim.lr' must be > 0"),
         "wrong type": (["--set", "data.micro_batch_size=two"], "'data.micro_batch_size' expects int"),
         "vocab mismatch": (["--stage", "kd", "--teacher", str(small_teacher)], "model's vocab_size is 300"),
+        "tokenizer mismatch": (["--stage", "kd", "--teacher", str(other_tokenizer)], "has a different tokenizer"),
         "missing teacher": (["--stage", "kd", "--teacher", str(tmp / "no_teacher")], "no_teacher not found"),
         "unknown model": (["--model", "gpt-9"], "neither a preset"),
     }

@@ -180,11 +180,17 @@ def load_config(recipe: str | None, named: dict, overrides: list[tuple[str, str]
     return config
 
 
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)  # JSON string escapes are valid TOML
+
+
 def to_toml(config: TrainConfig) -> str:
     """The resolved config as a recipe: top-level scalars, then one [section] per nested dataclass."""
-    def line(name, value):
-        return f"{name} = {json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else repr(value)}"
-    flat = asdict(config)
-    scalars = [line(k, v) for k, v in flat.items() if not isinstance(v, dict)]
-    sections = [f"\n[{k}]\n" + "\n".join(line(n, x) for n, x in v.items()) for k, v in flat.items() if isinstance(v, dict)]
-    return "\n".join(scalars) + "\n" + "\n".join(sections) + "\n"
+    table = asdict(config)
+    lines = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for section, values in table.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]", *(f"{k} = {toml_value(v)}" for k, v in values.items())]
+    return "\n".join(lines) + "\n"
