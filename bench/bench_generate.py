@@ -59,14 +59,15 @@ def hf_generate(hf, prompts, new_tokens, temperature, top_p) -> list[list[int]]:
     return out[:, P:].tolist()
 
 
-def timed(fn, repeats: int) -> tuple[float, list[list[int]]]:
-    """Median seconds over `repeats` calls, and the last call's output."""
-    times = []
+def timed_pair(fns, repeats: int) -> list[tuple[float, list[list[int]]]]:
+    """(median seconds, last output) of each fn; calls alternate so both see the same machine load."""
+    times, results = [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), r) for t, r in zip(times, results)]
 
 
 def main():
@@ -91,8 +92,9 @@ def main():
     for name, (temperature, top_p) in MODES.items():
         ours(model, prompts[:4], 8, temperature, top_p)  # warm-up
         hf_generate(hf, prompts[:4], 8, temperature, top_p)
-        t_ours, tokens_ours = timed(lambda: ours(model, prompts, args.new_tokens, temperature, top_p), args.repeats)
-        t_hf, tokens_hf = timed(lambda: hf_generate(hf, prompts, args.new_tokens, temperature, top_p), args.repeats)
+        (t_ours, tokens_ours), (t_hf, tokens_hf) = timed_pair(
+            [lambda: ours(model, prompts, args.new_tokens, temperature, top_p),
+             lambda: hf_generate(hf, prompts, args.new_tokens, temperature, top_p)], args.repeats)
         ratio = t_hf / t_ours
         print(f"{name:<24}{generated / t_ours:>12.0f}{generated / t_hf:>12.0f}{ratio:>7.2f}x{TARGET:>7.1f}x  "
               f"{'PASS' if ratio >= TARGET else 'MISS'}")
