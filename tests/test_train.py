@@ -173,6 +173,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(workspace, tm
     state = load_checkpoint(checkpoint_paths(out)[-1], model, optimizer, rank=0, world_size=1, sharded=False)
     assert state["step"] == 1
     assert run_main(args + ["--resume"]) == 0
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # the torn file is cleaned up by the next save
     a, b = final_weights(out), uninterrupted("sft")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

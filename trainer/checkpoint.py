@@ -95,7 +95,8 @@ def save_checkpoint(out: str | Path, model, optimizer, step: int, extra: dict, k
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(directory)
-    for old in checkpoint_paths(out)[:-keep_last]:
+    stale = [*checkpoint_paths(out)[:-keep_last], *directory.glob(".step_*.pt.tmp")]  # tmp: torn by a crash
+    for old in stale:
         old.unlink()
 
 
