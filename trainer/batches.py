@@ -23,27 +23,31 @@ from trainer.config import DataConfig
 Example = tuple[list[int], list[int]]  # (input_ids, labels) with -100 on tokens not learned
 
 
+LOADERS = {"chat": load_chat, "gsm8k": load_gsm8k, "prompt_completion": load_prompt_completion}
+
+
+def tokenize_row(row: dict, cfg: DataConfig, tokenizer: Tokenizer) -> Example:
+    """Chat rows learn every assistant turn; gsm8k and prompt/completion rows learn the completion."""
+    if cfg.format == "chat":
+        return chat_example(tokenizer, row["messages"], cfg.max_len)
+    if cfg.format == "gsm8k":
+        prompt = render_prompt(tokenizer, row["question"], cfg.style, task=cfg.task)
+        completion = format_completion(row["answer"], cfg.style)
+    else:
+        prompt, completion = row["prompt"], row["completion"]
+    return tokenize_example(tokenizer, prompt, completion, cfg.max_len, cfg.style)
+
+
 def load_examples(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> list[Example]:
-    """Read a JSONL file of `cfg.format` and tokenize every row (loss on the completion only)."""
+    """Read a JSONL file of `cfg.format` and tokenize every row (errors name the file and the row)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file {path} not found")
-    if cfg.format == "chat":
-        rows = load_chat(path)
-        make = lambda row: chat_example(tokenizer, row["messages"], cfg.max_len)
-    elif cfg.format == "gsm8k":
-        rows = load_gsm8k(path)
-        make = lambda row: tokenize_example(
-            tokenizer, render_prompt(tokenizer, row["question"], cfg.style, task=cfg.task),
-            format_completion(row["answer"], cfg.style), cfg.max_len, cfg.style)
-    else:
-        rows = load_prompt_completion(path)
-        make = lambda row: tokenize_example(tokenizer, row["prompt"], row["completion"], cfg.max_len, cfg.style)
     examples = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(LOADERS[cfg.format](path)):
         try:
-            examples.append(make(row))
+            examples.append(tokenize_row(row, cfg, tokenizer))
         except ValueError as e:
-            raise ValueError(f"{path}: row {i + 1}: {e}") from None
+            raise ValueError(f"{path}: row {i + 1} (blank lines not counted): {e}") from None
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples
