@@ -16,8 +16,8 @@ Sampling. From the next-token logits z (fp32), in the order transformers and vLL
   keep the smallest set of most likely tokens whose probability reaches p;
 then draw from the softmax of what is left by inverse-CDF sampling with one uniform number.
 
-Randomness. Completion (prompt i, sample j) draws its uniforms from its own stream seeded with
-(seed, i, j), so its tokens depend on the model, its prompt and the seed only: not on batch_size, the
+Randomness. Completion (prompt i, sample j) draws its uniforms from its own stream,
+numpy's `default_rng((seed, i, j))` (a SeedSequence over the three numbers), so its tokens depend on the model, its prompt and the seed only: not on batch_size, the
 other prompts, or a global RNG. (Logits of different batch shapes may differ in the last float bit,
 which can flip a draw that lands exactly on a CDF boundary: possible, vanishingly rare.)
 
@@ -41,7 +41,7 @@ from model.transformer import KVCache, Transformer
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 => greedy
+    temperature: float = 1.0  # 0 => greedy (top_k and top_p are then irrelevant)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     n: int = 1  # samples per prompt
@@ -68,7 +68,7 @@ class SamplingParams:
 class Completion:
     prompt_index: int
     sample_index: int
-    tokens: list[int]  # includes the stop token when one ended the completion
+    tokens: list[int]  # ends with the stop token, or the token that completed a stop string
     logprobs: list[float]  # under the sampling distribution (tempered, top-k, top-p; 0 when greedy)
     logprobs_t1: list[float]  # log_softmax(logits) at temperature 1: what the trainer computes
     finish_reason: str  # "stop" (stop id or stop string) | "length"
