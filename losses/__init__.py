@@ -17,6 +17,11 @@ backward. The default reduction="mean" (sum / valid tokens of *this* call) is ri
 batch but wrong under accumulation: averaging per-micro-batch means weights a token in a micro-batch
 of 10 valid tokens 50x more than one in a micro-batch of 500, so the result depends on how the batch
 was split (and on padding), and 1 rank x 4 accumulation steps no longer equals 2 ranks x 2.
+(DDP then *averages* gradients over ranks: multiply the loss by the world size to keep the sum.)
+
+Per-token masks: cross_entropy drops targets equal to ignore_index; the others take `mask` (bool, or
+float per-token weights, e.g. 1/|o_i| for a per-sequence mean). Masked tokens are removed before any
+vocabulary-sized work, so prompt tokens cost nothing.
 """
 from losses.ce import cross_entropy, entropy, token_logprobs
 from losses.chunked import DEFAULT_CHUNK_SIZE, Head, reduce_tokens

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -129,20 +130,28 @@ def generalized_jsd(student: Logits, teacher: Logits | SparseTeacher, beta: floa
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    scale = temperature ** 2 if scale_t2 else 1.0
+    rows_fn, rows = _teacher_rows(teacher, student.shape[-1], temperature)
+    token_fn = partial(rows_fn, beta=beta, temperature=temperature)
+    loss = reduce_tokens(token_fn, student, rows, mask=mask, reduction=reduction, chunk_size=chunk_size)
+    return loss * temperature ** 2 if scale_t2 else loss
+
+
+def _teacher_rows(teacher: Logits | SparseTeacher, vocab_size: int, temperature: float):
+    """The per-token divergence for this kind of teacher, and the teacher as constant row arguments."""
     if isinstance(teacher, SparseTeacher):
         if teacher.temperature != temperature:
             raise ValueError(f"the sparse teacher was built at temperature {teacher.temperature}, "
                              f"the loss asks for {temperature}: rebuild it (the rest bucket cannot be re-tempered)")
-        rows = (teacher.logprobs, teacher.indices, teacher.rest_logprob)
-        token_fn = lambda z, *t: scale * _sparse_rows(z, *t, beta, temperature)  # noqa: E731
-    else:
-        if teacher.shape[-1] != student.shape[-1]:
-            raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {student.shape[-1]}: "
-                             "slice both heads to the shared tokenizer's ids")
-        rows = (teacher,)
-        token_fn = lambda z, t: scale * _dense_rows(z, t, beta, temperature)  # noqa: E731
-    return reduce_tokens(token_fn, student, _detached(rows), mask=mask, reduction=reduction, chunk_size=chunk_size)
+        if teacher.indices.shape[-1] > vocab_size:
+            raise ValueError(f"the sparse teacher keeps {teacher.indices.shape[-1]} tokens, more than the "
+                             f"student's vocabulary of {vocab_size}")
+        return _sparse_rows, (teacher.logprobs.detach(), teacher.indices, teacher.rest_logprob.detach())
+    if teacher.shape[-1] != vocab_size:
+        raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {vocab_size}: "
+                         "slice both heads to the shared tokenizer's ids")
+    if isinstance(teacher, Head):
+        return _dense_rows, (Head(teacher.hidden.detach(), teacher.weight.detach()),)
+    return _dense_rows, (teacher.detach(),)
 
 
 def forward_kl(student: Logits, teacher: Logits | SparseTeacher, temperature: float = 1.0,
@@ -158,7 +167,3 @@ def reverse_kl(student: Logits, teacher: Logits | SparseTeacher, temperature: fl
     """KL(q_student || p_teacher) per token (MiniLLM, Gu et al. 2024): generalized_jsd at beta = 1."""
     return generalized_jsd(student, teacher, 1.0, temperature, mask, scale_t2, reduction, chunk_size)
 
-
-def _detached(rows):
-    """The teacher is a constant: cut it from any graph it came with."""
-    return tuple(Head(r.hidden.detach(), r.weight.detach()) if isinstance(r, Head) else r.detach() for r in rows)

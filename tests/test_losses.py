@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 from losses import (Head, SparseTeacher, cross_entropy, divergence, entropy, forward_kl, generalized_jsd,
                     reduce_tokens, reverse_kl, sparse_teacher, token_logprobs)
 
@@ -232,6 +234,22 @@ def test_chunked_tied_weight_frozen_parts_and_teacher_without_grad():
     assert grads(ours, teacher_w)[0] is None
     frozen = Head(leaf(N, D, seed=34).detach(), emb)  # hidden without grad
     close(grads(cross_entropy(frozen, ids, chunk_size=8), emb)[0], grads(cross_entropy(frozen.logits(), ids), emb)[0])
+
+
+def test_custom_token_loss_in_one_pass_equals_sum_of_losses():
+    """The losses/__init__ example: alpha * CE + (1 - alpha) * KD over one pass of the student head."""
+    h, W = leaf(N, D, seed=35), leaf(VH, D, scale=0.5, seed=36)
+    teacher = Head(leaf(N, 12, seed=37).detach(), leaf(VH, 12, seed=38).detach())
+    targets = torch.randint(0, VH, (N,), generator=torch.Generator().manual_seed(39))
+    mask = torch.arange(N) % 3 != 0
+    alpha = 0.3
+    kd = lambda z, y, t: alpha * kernels.cross_entropy(z, y) + (1 - alpha) * kernels.kl_div(z, t)  # noqa: E731
+    ours = reduce_tokens(kd, Head(h, W), (targets, teacher), mask, "sum", chunk_size=10)
+    ref = (alpha * cross_entropy(h @ W.T, targets.masked_fill(~mask, -100), reduction="sum")
+           + (1 - alpha) * forward_kl(h @ W.T, teacher.logits(), mask=mask, reduction="sum"))
+    close(ours, ref)
+    for a, b in zip(grads(ours, h, W), grads(ref, h, W)):
+        close(a, b)
 
 
 def test_fully_masked_batch_gives_zero_loss_and_zero_gradient():
