@@ -55,7 +55,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
+        "Any config key (trainer/config.py) is also a flag: --max-steps 10, --optim.lr 1e-4, "
+        "or --set kd.loss=reverse_kl. Values are parsed as TOML."))
     p.add_argument("--recipe", help="TOML recipe (recipes/*.toml); flags and overrides win over it")
     p.add_argument("--stage", choices=("sft", "kd", "gen", "rl"))
     p.add_argument("--model", help="preset name (random init) or HF-layout directory")

@@ -50,8 +50,10 @@ def random_batch(lengths: list[int], vocab: int = 37, prompt: int = 3, seed: int
 def test_config_precedence_types_and_errors(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('max_steps = 7\nstage = "kd"\n[optim]\nlr = 1\n[kd]\nteacher = "t"\nalpha = 0.25\n')
-    cfg = load_config(str(recipe), {**REQUIRED, "stage": None}, [("max_steps", "9"), ("kd.loss", "reverse_kl")])
+    cfg = load_config(str(recipe), {**REQUIRED, "stage": None},
+                      [("max_steps", "9"), ("kd.loss", "reverse_kl"), ("out", "2024"), ("data.task", '"gsm8k"')])
     assert (cfg.max_steps, cfg.stage, cfg.optim.lr, cfg.kd.alpha, cfg.kd.loss) == (9, "kd", 1.0, 0.25, "reverse_kl")
+    assert (cfg.out, cfg.data.task) == ("2024", "gsm8k")  # string fields keep the command-line text
     assert isinstance(cfg.optim.lr, float)  # TOML int accepted for a float field
     again = TrainConfig()
     apply_dict(again, tomllib.loads(to_toml(cfg)), "resolved")

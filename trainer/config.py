@@ -95,8 +95,11 @@ NON_NEGATIVE = ("stop_at", "eval_every", "optim.warmup_steps", "optim.weight_dec
 UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha", "gen.top_p")
 
 
-def set_value(config: TrainConfig, key: str, value, source: str):
-    """Assign config.<key> (dotted) = value, checking the key exists and the type matches."""
+def set_value(config: TrainConfig, key: str, value, source: str, text: str | None = None):
+    """Assign config.<key> (dotted) = value, checking the key exists and the type matches.
+
+    `text`: the raw command-line spelling; a string field takes it as is (a path named 123 stays "123").
+    """
     *sections, name = key.split(".")
     target = config
     for section in sections:
@@ -111,6 +114,8 @@ def set_value(config: TrainConfig, key: str, value, source: str):
     expected = {"str": str, "int": int, "float": float, "bool": bool}[types[name]]
     if expected is float and type(value) is int:
         value = float(value)
+    if expected is str and text is not None and type(value) is not str:
+        value = text
     if type(value) is not expected:
         raise ValueError(f"{source}: config key {key!r} expects {expected.__name__}, got {value!r}")
     setattr(target, name, value)
@@ -175,7 +180,7 @@ def load_config(recipe: str | None, named: dict, overrides: list[tuple[str, str]
         if value is not None:
             set_value(config, key, value, f"--{key.replace('.', '-')}")
     for key, text in overrides:
-        set_value(config, key, parse_value(text), f"override {key}={text}")
+        set_value(config, key, parse_value(text), f"override {key}={text}", text)
     validate(config)
     return config
 
