@@ -108,22 +108,6 @@ class KVCache:
         return out
 
 
-def linear_group(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
-    """[linear(x) for linear in linears], computed as one GEMM over the stacked weights when training.
-
-    With autograd on, one GEMM to sum(out_features) replaces several, and the backward computes the
-    input gradient with one GEMM instead of several GEMMs plus the adds that sum them (q/k/v, and
-    gate/up, share their input). Without autograd nothing is saved and the concatenation would copy
-    every weight on each decoding step, so each linear runs alone. Modules that are not plain
-    nn.Linear (e.g. adapter wrappers) are always called as themselves.
-    """
-    if not torch.is_grad_enabled() or any(type(m) is not nn.Linear for m in linears):
-        return [m(x) for m in linears]
-    weight = torch.cat([m.weight for m in linears])  # (sum of out_features, d)
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -140,10 +124,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, slots=None):
         B, T, _ = x.shape
-        q, k, v = linear_group(x, [self.q_proj, self.k_proj, self.v_proj])
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
@@ -165,8 +148,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = linear_group(x, [self.gate_proj, self.up_proj])  # (B, T, f) each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
