@@ -40,12 +40,13 @@ from losses import Head, entropy, token_logprobs
 from model.generate import SamplingParams
 from rl.advantages import SCALE_MODES, all_reduce_sum, group_advantages, zero_std_groups
 from rl.policy_loss import AGGREGATIONS, KL_ESTIMATORS, normaliser, policy_loss
-from rl.rewards import RewardFn, compute_rewards
+from rl.rewards import RewardFn, compute_rewards, correctness, format_match, overlong_penalty
 from rl.rollout import RolloutBatch, unwrap
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
+    prompts_per_step: int = 16  # prompts of one step over all ranks (a multiple of the world size)
     group_size: int = 8  # G completions per prompt
     temperature: float = 1.0  # rollout sampling
     top_p: float = 1.0
@@ -64,6 +65,11 @@ class GRPOConfig:
     chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0  # rollout sampling seed
+    grader: str = "gsm8k"  # correctness reward: data/graders name ("gsm8k", "math", "code")
+    format_pattern: str = ""  # regex for the format reward ...
+    format_weight: float = 0.0  # ... and its weight (0 = off)
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens (0 = off) ...
+    overlong_weight: float = 1.0  # ... and its weight
 
     def __post_init__(self):
         checks = [
@@ -82,14 +88,29 @@ class GRPOConfig:
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
             ("chunk_size", self.chunk_size >= 1, ">= 1"),
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("prompts_per_step", self.prompts_per_step >= 1, ">= 1"),
+            ("format_pattern", bool(self.format_pattern) or self.format_weight == 0, "set when format_weight != 0"),
+            ("overlong_buffer", 0 <= self.overlong_buffer <= self.max_new_tokens, "in [0, max_new_tokens]"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"GRPOConfig.{name} must be {expected}, got {getattr(self, name)!r}")
 
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p, n=self.group_size, seed=self.seed)
+    def sampling_params(self, stop_strings: tuple[str, ...] = ()) -> SamplingParams:
+        """Rollout sampling; `stop_strings` come from the prompt template (e.g. few-shot's next "Question:")."""
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              n=self.group_size, stop_strings=stop_strings, seed=self.seed)
+
+    def reward_fns(self, workers: int | None = None) -> list[RewardFn]:
+        """correctness (weight 1), plus the format reward and the overlong penalty when switched on;
+        `workers` sandboxes run at once for the code grader."""
+        fns = [RewardFn("correct", correctness(self.grader, workers))]
+        if self.format_weight:
+            fns.append(RewardFn("format", format_match(self.format_pattern), self.format_weight))
+        if self.overlong_buffer:
+            fns.append(RewardFn("overlong", overlong_penalty(self.max_new_tokens, self.overlong_buffer),
+                                self.overlong_weight))
+        return fns
 
 
 def completion_head(model, batch: RolloutBatch) -> Head:
@@ -157,20 +178,21 @@ def grpo_update(policy: torch.nn.Module, ref_model: torch.nn.Module | None, opti
     scale = world / global_norm.item()  # the data-parallel wrapper averages gradients over ranks
     micro = _micro_batches(batch, cfg.micro_batch_size)
     ref = _reference_logprobs(ref_model, micro, cfg.chunk_size, forward_context) if cfg.beta > 0 else [None] * len(micro)
-    totals = dict.fromkeys(("loss", "clipped", "kl", "tokens", "entropy", "grad_norm"), 0.0)
+    sums = dict.fromkeys(("loss", "clipped", "kl", "tokens", "entropy"), 0.0)  # device scalars: one sync at the end
+    grad_norm = 0.0
     for iteration in range(cfg.mu):
         for k, (rows, mb) in enumerate(micro):
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last or not hasattr(policy, "no_sync") else policy.no_sync():
                 out = _micro_step(policy, mb, advantages[rows], keep[rows], ref[k], cfg, scale, forward_context,
                                   with_entropy=iteration == 0)
-            for key, value in out.items():
-                totals[key] += value
-        totals["grad_norm"] += optimizer_step(policy, optimizer, cfg.max_grad_norm, scheduler)
-    tokens = max(totals["tokens"] / cfg.mu, 1.0)  # loss tokens of this rank, per iteration
-    return {"loss": totals["loss"] / cfg.mu / global_norm.item(), "clip_frac": totals["clipped"] / cfg.mu / tokens,
-            "kl": totals["kl"] / cfg.mu / tokens, "entropy": totals["entropy"] / tokens,  # entropy: 1st iteration
-            "grad_norm": totals["grad_norm"] / cfg.mu, "loss_tokens": tokens}
+            sums = {key: sums[key] + out[key] for key in sums}
+        grad_norm += optimizer_step(policy, optimizer, cfg.max_grad_norm, scheduler)
+    sums = {key: float(value) / cfg.mu for key, value in sums.items()}  # per iteration
+    tokens = max(sums["tokens"], 1.0)  # loss tokens of this rank
+    return {"loss": sums["loss"] / global_norm.item(), "clip_frac": sums["clipped"] / tokens,
+            "kl": sums["kl"] / tokens, "entropy": sums["entropy"] * cfg.mu / tokens,  # measured in iteration 1 only
+            "grad_norm": float(grad_norm) / cfg.mu, "loss_tokens": tokens}
 
 
 def _micro_step(policy, mb: RolloutBatch, advantages, keep, ref_logprobs, cfg: GRPOConfig, scale: float,
@@ -188,24 +210,23 @@ def _micro_step(policy, mb: RolloutBatch, advantages, keep, ref_logprobs, cfg: G
                       aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens, ref_logprobs=ref_logprobs,
                       beta=cfg.beta, kl_estimator=cfg.kl_estimator)
     (out.loss_sum * scale).backward()
-    return {"loss": out.loss_sum.item(), "clipped": out.clipped_tokens.item(), "kl": out.kl_sum.item(),
-            "tokens": out.num_tokens.item(), "entropy": ent}
+    return {"loss": out.loss_sum.detach(), "clipped": out.clipped_tokens, "kl": out.kl_sum,
+            "tokens": out.num_tokens, "entropy": ent}
 
 
 @torch.no_grad()
-def _entropy_sum(head: Head, mask: torch.Tensor, chunk_size: int) -> float:
-    return entropy(Head(head.hidden.detach(), head.weight.detach()), mask=mask, reduction="sum",
-                   chunk_size=chunk_size).item()
+def _entropy_sum(head: Head, mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    return entropy(Head(head.hidden.detach(), head.weight.detach()), mask=mask, reduction="sum", chunk_size=chunk_size)
 
 
-def optimizer_step(policy, optimizer, max_grad_norm: float, scheduler=None) -> float:
+def optimizer_step(policy, optimizer, max_grad_norm: float, scheduler=None) -> torch.Tensor:
     """Clip the global grad norm (when max_grad_norm > 0), step, zero the grads; returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-    return float(norm)
+    return norm
 
 
 def grpo_step(policy, ref_model, optimizer, batch: RolloutBatch, reward_fns: Sequence[RewardFn], cfg: GRPOConfig,

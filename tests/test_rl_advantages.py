@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+
 from rl.advantages import global_std, group_advantages, zero_std_groups
 
 # Two prompts, four samples each.
@@ -58,7 +59,6 @@ def test_bad_inputs():
 
 
 def _rank_worker(rank, init_file, rewards, out_dir):
-    torch.set_num_threads(1)  # the forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     shard = rewards.chunk(2)[rank]  # whole groups per rank, as rl/rollout.py shards them
     result = {mode: group_advantages(shard, mode) for mode in ("group", "batch", "none")}
@@ -69,9 +69,10 @@ def _rank_worker(rank, init_file, rewards, out_dir):
 def test_two_ranks_equal_one_rank():
     """Real 2-process gloo group: each rank holds two whole groups; batch std is the global one."""
     rewards = torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.2, 0.9, 0.4]])
+    mp.set_forkserver_preload(["torch", "rl.grpo"])  # imported once by the server, not per rank
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_rank_worker, args=(os.path.join(tmp, "init"), rewards, tmp), nprocs=2,
-                           start_method="fork")  # fork: no second torch import
+                           start_method="forkserver")  # forked from a clean server process
         parts = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     for mode in ("group", "batch", "none"):
         two_ranks = torch.cat([parts[0][mode], parts[1][mode]])

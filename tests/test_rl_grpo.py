@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+
 from model.config import ModelConfig
 from model.transformer import Transformer
 from rl.grpo import GRPOConfig, grpo_step, grpo_update, sequence_weights
@@ -166,34 +167,38 @@ def test_reference_model_needed_exactly_when_beta_positive():
         GRPOConfig(aggregation="sum")
 
 
-def _ddp_worker(rank, init_file, model, batch, advantages, cfg, out_dir):
-    torch.set_num_threads(1)  # the forked child must not reuse the parent's OpenMP pool
+def _ddp_worker(rank, init_file, model, batch, advantages, configs, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
     rows = slice(0, len(batch) // 2) if rank == 0 else slice(len(batch) // 2, len(batch))  # whole groups
-    grpo_update(ddp, None, torch.optim.SGD(ddp.parameters(), lr=1.0), batch.select(rows), advantages[rows], cfg)
-    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    for name, cfg in configs.items():
+        trained = copy.deepcopy(model)  # the argument arrives in shared memory: each rank needs its own weights
+        ddp = torch.nn.parallel.DistributedDataParallel(trained)
+        grpo_update(ddp, None, torch.optim.SGD(ddp.parameters(), lr=1.0), batch.select(rows), advantages[rows], cfg)
+        torch.save([p.detach() for p in trained.parameters()], os.path.join(out_dir, f"{name}{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "dapo"])
-def test_two_ranks_equal_one_rank(aggregation):
-    """Real 2-process DDP (gloo): global normaliser and world-size scaling give the 1-process update."""
+def test_two_ranks_equal_one_rank():
+    """Real 2-process DDP (gloo): global normaliser and world-size scaling give the 1-process update,
+    for the per-sequence ("grpo") and the token-level ("dapo") normalisers."""
     model = _model(5)
     batch = _batch(model, seed=5)
     advantages = torch.randn(len(batch))
-    cfg = GRPOConfig(group_size=G, aggregation=aggregation, micro_batch_size=3, max_grad_norm=0)
+    configs = {agg: GRPOConfig(group_size=G, aggregation=agg, micro_batch_size=3, max_grad_norm=0)
+               for agg in ("grpo", "dapo")}
     half = len(batch) // 2
     assert batch.completion_mask[:half].sum() != batch.completion_mask[half:].sum()  # ranks hold unequal tokens
-    single = copy.deepcopy(model)
-    grpo_update(single, None, torch.optim.SGD(single.parameters(), lr=1.0), batch, advantages, cfg)
+    mp.set_forkserver_preload(["torch", "rl.grpo"])  # imported once by the server, not per rank
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_ddp_worker, args=(os.path.join(tmp, "init"), model, batch, advantages, cfg, tmp),
-                           nprocs=2, start_method="fork")  # fork: no second torch import
-        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
-    for p, p0, p1 in zip(single.parameters(), *ranks):
-        torch.testing.assert_close(p0, p1)
-        torch.testing.assert_close(p0, p.detach(), rtol=1e-4, atol=1e-6)
+        mp.start_processes(_ddp_worker, args=(os.path.join(tmp, "init"), model, batch, advantages, configs, tmp),
+                           nprocs=2, start_method="forkserver")  # forked from a clean server process
+        ranks = {name: [torch.load(os.path.join(tmp, f"{name}{r}.pt")) for r in range(2)] for name in configs}
+    for name, cfg in configs.items():
+        single = copy.deepcopy(model)
+        grpo_update(single, None, torch.optim.SGD(single.parameters(), lr=1.0), batch, advantages, cfg)
+        for p, p0, p1 in zip(single.parameters(), *ranks[name]):
+            torch.testing.assert_close(p0, p1)
+            torch.testing.assert_close(p0, p.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_tiny_model_learns_toy_task():
@@ -214,3 +219,21 @@ def test_tiny_model_learns_toy_task():
             break
     assert history[0] < 0.3
     assert history[-1] > 0.9, history
+
+
+def test_config_builds_weighted_reward_fns():
+    from model.generate import Completion
+    from rl.rewards import compute_rewards
+
+    def completion(text, n):
+        return Completion(0, 0, list(range(n)), [0.0] * n, [0.0] * n, "stop", text)
+    cfg = GRPOConfig(max_new_tokens=10, format_pattern=r"#### \d+", format_weight=0.5, overlong_buffer=4)
+    fns = cfg.reward_fns()
+    assert [(f.name, f.weight) for f in fns] == [("correct", 1.0), ("format", 0.5), ("overlong", 1.0)]
+    total, per_fn = compute_rewards(fns, [completion("3 + 15 = 18\n#### 18", 9), completion("#### 17", 2)], ["18", "18"])
+    # Row 0: correct 1, format 1, overlong (6 - 9) / 4 = -0.75 -> 1 + 0.5 - 0.75. Row 1: 0 + 0.5 + 0.
+    torch.testing.assert_close(total, torch.tensor([0.75, 0.5]))
+    torch.testing.assert_close(per_fn["correct"], torch.tensor([1.0, 0.0]))
+    assert [f.name for f in GRPOConfig().reward_fns()] == ["correct"]
+    with pytest.raises(ValueError, match="format_pattern"):
+        GRPOConfig(format_weight=0.1)
