@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_generate import make_prompts, timed  # noqa: E402
+from bench.bench_generate import make_prompts  # noqa: E402
+from bench.common import median_seconds, verdict  # noqa: E402
 from model.config import PRESETS  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
@@ -53,37 +52,32 @@ def main():
     params = cfg.sampling_params()
     new_tokens = args.prompts * args.group_size * args.new_tokens
 
-    # Alternate the two so that load drifting during the run hits both alike.
-    t_generate, t_rollout = [], []
-    for _ in range(args.repeats):
-        t_generate.append(timed(lambda: generate(model, prompts, params, stop_ids=[]), 1)[0])
-        seconds, batch = timed(lambda: rollout(model, prompts, [None] * len(prompts), params, stop_ids=[]), 1)
-        t_rollout.append(seconds)
-    t_generate, t_rollout = statistics.median(t_generate), statistics.median(t_rollout)
+    batch = rollout(model, prompts, [None] * len(prompts), params, stop_ids=[])
     assert int(batch.completion_mask.sum()) == new_tokens
-    t_rewards, (rewards, _) = timed(lambda: compute_rewards([EVEN_TOKENS], batch.completions, batch.references), args.repeats)
+    rewards, _ = compute_rewards([EVEN_TOKENS], batch.completions, batch.references)
     advantages, drop = sequence_weights(batch, rewards, cfg)
-
-    def update():  # on a fresh copy each time, so every repeat trains the same weights
-        policy = copy.deepcopy(model)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-        start = time.perf_counter()
-        grpo_update(policy, None, optimizer, batch, advantages, cfg, drop=drop)
-        return time.perf_counter() - start
-    t_update = sorted(update() for _ in range(args.repeats))[args.repeats // 2]
+    policy = copy.deepcopy(model)  # trained in place by every timed update (lr 1e-5: same work each call)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    seconds = median_seconds({
+        "generate": lambda: generate(model, prompts, params, stop_ids=[]),
+        "rollout": lambda: rollout(model, prompts, [None] * len(prompts), params, stop_ids=[]),
+        "rewards": lambda: compute_rewards([EVEN_TOKENS], batch.completions, batch.references),
+        "update": lambda: grpo_update(policy, None, optimizer, batch, advantages, cfg, drop=drop),
+    }, warmup=1, iters=args.repeats)  # round-robin: load drifting during the run hits all alike
+    t_generate, t_rollout, t_rewards, t_update = (seconds[k] for k in ("generate", "rollout", "rewards", "update"))
     train_tokens = int(batch.attention_mask.sum())
 
     step = t_rollout + t_rewards + t_update
     print(f"GRPO step, preset tiny-student, {args.prompts} prompts x G={args.group_size} x {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'phase':<28}{'seconds':>10}{'share':>8}{'tokens/s':>12}")
-    for name, seconds, tokens in (("rollout (generate + pack)", t_rollout, new_tokens), ("rewards", t_rewards, None),
-                                  ("update (fwd + bwd + AdamW)", t_update, train_tokens)):
-        rate = f"{tokens / seconds:>12.0f}" if tokens else f"{'':>12}"
-        print(f"{name:<28}{seconds:>10.3f}{seconds / step:>8.1%}{rate}")
+    for name, t, tokens in (("rollout (generate + pack)", t_rollout, new_tokens), ("rewards", t_rewards, None),
+                            ("update (fwd + bwd + AdamW)", t_update, train_tokens)):
+        rate = f"{tokens / t:>12.0f}" if tokens else f"{'':>12}"
+        print(f"{name:<28}{t:>10.3f}{t / step:>8.1%}{rate}")
     ratio = t_generate / t_rollout
     print(f"plain generate, same shape: {t_generate:.3f} s, {new_tokens / t_generate:.0f} tokens/s")
-    print(f"rollout / generate tokens/s: {ratio:.3f} (target >= {TARGET}) {'PASS' if ratio >= TARGET else 'MISS'}")
+    print(f"rollout / generate tokens/s: {ratio:.3f} (target >= {TARGET}) {verdict(ratio, TARGET)}")
 
 
 if __name__ == "__main__":
