@@ -33,11 +33,15 @@ def cross_entropy(logits: Logits, targets: torch.Tensor, ignore_index: int = -10
 def token_logprobs(logits: Logits, targets: torch.Tensor, temperature: float = 1.0,
                    mask: torch.Tensor | None = None, reduction: str = "none",
                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """log pi(y_i) = log softmax(z_i / T)[y_i], the per-token log-probabilities of policy-gradient RL
-    (GRPO, DeepSeekMath, arXiv:2402.03300): "selective log-softmax", gathering the target before
-    normalising, so no [N, V] log-softmax copy is kept. Differentiable; 0 at masked tokens.
+    """log pi(y_i) = z_i[y_i] / T - logsumexp(z_i / T), the per-token log-probabilities of policy-gradient
+    RL (GRPO, DeepSeekMath, arXiv:2402.03300). "Selective log-softmax": only the target's log-prob is
+    kept (the CUDA kernel never writes an [N, V] log-softmax; with a Head only [chunk, V] logits exist).
+    Differentiable; 0 at masked tokens. Use the sampling temperature T so the log-probs are those of
+    the distribution that was sampled.
 
-    Use the sampling temperature T so the log-probs are those of the distribution that was sampled.
+    With a Head and reduction="none" each chunk is recomputed in backward (one extra lm_head matmul);
+    a loss that only needs the reduced sum is cheaper written as a per-token function for
+    `reduce_tokens` (three matmuls, like the unchunked forward + backward).
     """
     _check_targets(logits, targets)
     return reduce_tokens(lambda z, y: kernels.token_logprobs(z, y, temperature), logits, (targets,),
