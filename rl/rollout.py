@@ -104,7 +104,8 @@ def rollout_batches(model, prompts: Sequence[list[int]], references: Sequence[An
     """Yield one RolloutBatch per step: global step s covers prompts [s*N, (s+1)*N) (N = prompts_per_step),
     of which rank r owns the contiguous N / world_size block r. A last incomplete step is dropped.
 
-    Sampling seed of step s on rank r: params.seed + s * world_size + r (ranks draw different samples).
+    Sampling seed of step s on rank r: params.seed + s * world_size + r (ranks draw different samples;
+    pass a different params.seed for each epoch over the same prompts).
     """
     if prompts_per_step % world_size:
         raise ValueError(f"prompts_per_step ({prompts_per_step}) must be a multiple of world_size ({world_size})")

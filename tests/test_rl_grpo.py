@@ -208,9 +208,9 @@ def test_tiny_model_learns_toy_task():
     model = _model(0)
     ref = copy.deepcopy(model).eval()
     cfg = GRPOConfig(group_size=8, max_new_tokens=2, eps_high=0.28, beta=0.01, aggregation="grpo", mu=2,
-                     filter_zero_std=True, micro_batch_size=32)
+                     filter_zero_std=True, micro_batch_size=64)
     reward = RewardFn("answer_is_7", lambda completions, refs: [float(c.tokens[:1] == [7]) for c in completions])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     prompts = _prompts(8 * 25, seed=7)
     history = []
     for batch in rollout_batches(model, prompts, [None] * len(prompts), cfg.sampling_params(), STOP_IDS, prompts_per_step=8):
