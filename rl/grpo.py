@@ -222,6 +222,7 @@ def _entropy_sum(head: Head, mask: torch.Tensor, chunk_size: int) -> torch.Tenso
 def optimizer_step(policy, optimizer, max_grad_norm: float, scheduler=None) -> torch.Tensor:
     """Clip the global grad norm (when max_grad_norm > 0), step, zero the grads; returns the norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
