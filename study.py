@@ -1,0 +1,419 @@
+"""The study in miniature: a teacher, a base student and student variants on the synthetic task, on CPU.
+
+    python study.py                 # default sizes (StudyConfig), into runs/study
+    python study.py --quick         # toy sizes: the same pipeline in about two minutes (machinery, not accuracy)
+    python study.py --seeds 3       # every model trained with seeds 0, 1, 2; the tables give mean ± std
+    python study.py --force         # redo every stage instead of reusing finished ones
+
+Stages, top to bottom (each writes <out>/.../<stage>/ and is skipped once its DONE marker exists;
+a killed training stage resumes from its last checkpoint with train.py --resume):
+
+    data        data/synthetic.py: train / test / harder splits (harder: 4-5 reasoning steps where
+                training has 1-3), and a sentencepiece tokenizer trained on the train split
+    teacher     preset tiny-teacher, SFT on the train split                      train.py --stage sft
+    base        preset tiny-student, a short SFT: it follows the answer format but reasons poorly,
+                our stand-in for an "Instruct" checkpoint; every student variant starts from it
+    sft         more SFT on the train labels                                     train.py --stage sft
+    seq_kd      sequence-level KD (Kim & Rush 2016): the teacher samples solutions to train questions,
+                only the correct ones are kept (train.py --stage gen), then SFT on them
+    kd_forward  logit KD: alpha * CE + (1 - alpha) * KL(p_teacher || q_student)  train.py --stage kd
+    kd_reverse  logit KD with the reverse KL(q_student || p_teacher) (MiniLLM, Gu et al. 2024)
+    grpo, sft_grpo, kd_grpo
+                GRPO from base / sft / kd_forward: pending until train.py has --stage rl
+    eval        eval.evaluate on test and harder: greedy pass@1, and pass@k from k samples at a temperature
+    report      results.json, results.md, results.png, and the table printed
+
+Equal budgets: sft, seq_kd, kd_forward and kd_reverse each take `variant_steps` optimizer steps of
+`batch_size` sequences from base; their compute differs (logit KD adds a teacher forward per step,
+seq_kd the teacher's sampling), which the training-time column shows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.readers import load_gsm8k
+from data.synthetic import corpus_texts, write_jsonl, write_splits
+from eval import evaluate, load_model
+from model.config import PRESETS
+from model.generate import SamplingParams
+from model.tokenizer import load_tokenizer, train_tokenizer
+from trainer.checkpoint import checkpoint_paths
+import train
+
+SPLITS = ("test", "harder")
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sizes of one study. Steps are optimizer steps of `batch_size` sequences."""
+    teacher: str = "tiny-teacher"  # model presets
+    student: str = "tiny-student"
+    n_train: int = 16_000
+    n_test: int = 200
+    n_harder: int = 100
+    vocab_size: int = 400  # upper bound for the tokenizer
+    batch_size: int = 32
+    max_len: int = 256  # tokens per training sequence (the longest train row is ~210)
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    teacher_steps: int = 500
+    base_steps: int = 60  # short: the format, not the arithmetic
+    variant_steps: int = 200  # every variant's budget from base
+    kd_alpha: float = 0.5  # logit KD: alpha * CE + (1 - alpha) * KL
+    gen_questions: int = 3200  # train questions the teacher answers for seq_kd ...
+    gen_samples: int = 2  # ... samples each ...
+    gen_temperature: float = 0.7  # ... at this temperature
+    only_correct: bool = True  # seq_kd keeps only traces graded correct
+    max_new_tokens: int = 224  # eval and gen; the longest harder solution is ~200 tokens
+    pass_k: int = 4  # sampled eval: k samples per problem, pass@k
+    temperature: float = 0.8  # sampled eval
+    eval_batch: int = 100  # prompts generated together
+
+
+# Toy sizes: every stage runs, nothing is learned. The toy teacher is the student preset, trained
+# long enough on a few rows to end its answers (seq_kd drops unfinished traces), and keeps wrong
+# traces, which an untrained model writes.
+QUICK = StudyConfig(teacher="tiny-student", n_train=32, n_test=4, n_harder=2, batch_size=8, max_len=160,
+                    warmup_steps=2, teacher_steps=40, base_steps=2, variant_steps=2, gen_questions=8,
+                    gen_samples=2, only_correct=False, max_new_tokens=160, pass_k=2, eval_batch=8)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One seed's study: where the shared data lives and where this seed's stages go."""
+    cfg: StudyConfig
+    seed: int
+    data: Path  # <out>/data: splits and tokenizer (shared by all seeds)
+    root: Path  # <out>/seed_<seed>
+    force: bool
+
+    def final(self, stage: str) -> str:
+        return str(self.root / stage / "final")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    what: str  # one line for results.md
+    start: str | None  # the method whose final model it starts from (None: random init)
+    steps: Callable[[StudyConfig], int] | None  # its training budget in optimizer steps
+    train: Callable[[Run, "Method"], float] | None  # trains it, returns seconds; None while pending
+    pending: str = ""
+
+
+# ------------------------------------------------------------------ stages
+
+def stage(path: Path, force: bool, work: Callable[[], None]) -> float | None:
+    """Run `work` unless path/DONE exists (then print a skip line); return its seconds.
+
+    Training stages get DONE from train.py; other stages write it here after `work`. The seconds
+    are stored in path/seconds.txt (a resumed stage counts its last invocation only).
+    """
+    if force and path.exists():
+        shutil.rmtree(path)
+    seconds_file = path / "seconds.txt"
+    if (path / "DONE").exists():
+        print(f"[study] skip {path} (done)")
+        return float(seconds_file.read_text()) if seconds_file.exists() else None
+    print(f"[study] run {path}")
+    t0 = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - t0
+    path.mkdir(parents=True, exist_ok=True)
+    seconds_file.write_text(f"{seconds:.1f}\n")
+    if not (path / "DONE").exists():
+        (path / "DONE").write_text("done\n")
+    return seconds
+
+
+def prepare_data(cfg: StudyConfig, out: Path, force: bool):
+    """Splits, the seq_kd question subset, and the tokenizer trained on the train split."""
+    def work():
+        paths = write_splits(out, seed=0, n_train=cfg.n_train, n_test=cfg.n_test, n_harder=cfg.n_harder, n_code=1)
+        train_rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+        write_jsonl(out / "questions.jsonl", train_rows[:cfg.gen_questions])
+        train_tokenizer(corpus_texts(train_rows), out / "tokenizer", cfg.vocab_size)
+    stage(out, force, work)
+
+
+def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | None) -> list[str]:
+    """train.py arguments of a study stage; `steps` for training stages (None: stage gen)."""
+    cfg = run.cfg
+    sets = {"seed": run.seed, "data.micro_batch_size": cfg.batch_size, "data.max_len": cfg.max_len,
+            "data.style": "chat", "data.task": "synthetic"}
+    if steps is not None:
+        sets.update({"optim.lr": cfg.lr, "optim.warmup_steps": min(cfg.warmup_steps, steps),
+                     "log_every": max(1, steps // 20), "save_every": max(1, steps // 4)})
+    return ["--model", model, "--tokenizer", str(run.data / "tokenizer"), "--data", data,
+            "--out", str(run.root / stage_name), *(["--max-steps", str(steps)] if steps else []),
+            *[f"--set={k}={v}" for k, v in sets.items()]]
+
+
+def run_train(args: list[str]):
+    """train.main in-process; resumes a run directory that holds checkpoints (a killed stage)."""
+    out = Path(args[args.index("--out") + 1])
+    resume = ["--resume"] if checkpoint_paths(out) else []
+    if train.main(args + resume) != 0:
+        raise RuntimeError(f"train.py failed for {out} (its error is printed above)")
+
+
+def start_model(run: Run, method: Method) -> str:
+    """The final model of method.start, or a preset for the two trained from random init."""
+    if method.start is None:
+        return run.cfg.teacher if method.name == "teacher" else run.cfg.student
+    return run.final(method.start)
+
+
+def train_sft(run: Run, method: Method) -> float:
+    """SFT on the train split's reference solutions."""
+    args = train_args(run, method.name, start_model(run, method), str(run.data / "train.jsonl"), method.steps(run.cfg))
+    return stage(run.root / method.name, run.force, lambda: run_train(["--stage", "sft", *args]))
+
+
+def train_seq_kd(run: Run, method: Method) -> float:
+    """The teacher's sampled traces (<name>_traces/traces.jsonl), then SFT on them as prompt/completion."""
+    cfg, traces = run.cfg, run.root / f"{method.name}_traces"
+    gen = train_args(run, traces.name, run.final("teacher"), str(run.data / "questions.jsonl"), None)
+    gen += [f"--set=gen.n={cfg.gen_samples}", f"--set=gen.temperature={cfg.gen_temperature}",
+            f"--set=gen.max_new_tokens={cfg.max_new_tokens}", f"--set=gen.only_correct={str(cfg.only_correct).lower()}",
+            f"--set=gen.batch_size={cfg.eval_batch}"]
+    gen_seconds = stage(traces, run.force, lambda: run_train(["--stage", "gen", *gen]))
+    args = train_args(run, method.name, start_model(run, method), str(traces / "traces.jsonl"), method.steps(cfg))
+    sft = ["--stage", "sft", "--set=data.format=prompt_completion", *args]
+    return (gen_seconds or 0.0) + (stage(run.root / method.name, run.force, lambda: run_train(sft)) or 0.0)
+
+
+def train_kd(run: Run, method: Method) -> float:
+    """Logit KD from the teacher; the divergence is the method name's suffix (forward / reverse KL)."""
+    loss = {"kd_forward": "forward_kl", "kd_reverse": "reverse_kl"}[method.name]
+    args = train_args(run, method.name, start_model(run, method), str(run.data / "train.jsonl"), method.steps(run.cfg))
+    kd = ["--stage", "kd", "--teacher", run.final("teacher"), f"--set=kd.loss={loss}",
+          f"--set=kd.alpha={run.cfg.kd_alpha}", *args]
+    return stage(run.root / method.name, run.force, lambda: run_train(kd))
+
+
+GRPO_PENDING = "pending: GRPO stage not wired yet (train.py --stage rl)"
+# Adding GRPO: one `train_grpo(run, method)` calling train.main(["--stage", "rl", ...]) from
+# start_model(run, method) for variant_steps, set as `train` of the three methods below.
+METHODS = (
+    Method("teacher", "the teacher preset, SFT on the train split", None, lambda c: c.teacher_steps, train_sft),
+    Method("base", "the student preset, short SFT (the 'Instruct' starting point)", None, lambda c: c.base_steps, train_sft),
+    Method("sft", "base + more SFT on the train labels", "base", lambda c: c.variant_steps, train_sft),
+    Method("seq_kd", "base + SFT on the teacher's sampled traces (sequence-level KD)", "base",
+           lambda c: c.variant_steps, train_seq_kd),
+    Method("kd_forward", "base + logit KD, alpha*CE + (1-alpha)*KL(teacher||student)", "base",
+           lambda c: c.variant_steps, train_kd),
+    Method("kd_reverse", "base + logit KD, alpha*CE + (1-alpha)*KL(student||teacher)", "base",
+           lambda c: c.variant_steps, train_kd),
+    Method("grpo", "base + GRPO on the train questions", "base", lambda c: c.variant_steps, None, GRPO_PENDING),
+    Method("sft_grpo", "sft + GRPO", "sft", lambda c: c.variant_steps, None, GRPO_PENDING),
+    Method("kd_grpo", "kd_forward + GRPO", "kd_forward", lambda c: c.variant_steps, None, GRPO_PENDING),
+)
+
+
+# ------------------------------------------------------------------ evaluation
+
+def eval_params(run: Run) -> dict[str, SamplingParams]:
+    """Greedy (pass@1) and `pass_k` samples per problem at `temperature` (pass@k)."""
+    cfg = run.cfg
+    return {"greedy": SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
+            "sampled": SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      n=cfg.pass_k, seed=run.seed)}
+
+
+def evaluate_method(run: Run, name: str) -> dict:
+    """{split: {mode: eval summary}} of a method's final model, cached in <seed dir>/eval/<name>/<split>_<mode>/."""
+    out = run.root / "eval" / name
+
+    def work():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_model(run.final(name), str(run.data / "tokenizer"), device)
+        for split in SPLITS:
+            rows = load_gsm8k(run.data / f"{split}.jsonl")
+            for mode, params in eval_params(run).items():
+                evaluate(model, tokenizer, rows, "synthetic", params, "chat", run.cfg.eval_batch,
+                         out_dir=out / f"{split}_{mode}", progress=False)
+    stage(out, run.force, work)
+    return {split: {mode: json.loads((out / f"{split}_{mode}" / "summary.json").read_text()) for mode in eval_params(run)}
+            for split in SPLITS}
+
+
+def run_seed(run: Run) -> dict:
+    """Train (in METHODS order: every start precedes its users) and evaluate each method of one seed."""
+    results = {}
+    for method in METHODS:
+        if method.train is None:
+            continue
+        seconds = method.train(run, method)
+        results[method.name] = {"train_seconds": seconds, "eval": evaluate_method(run, method.name)}
+    return results
+
+
+# ------------------------------------------------------------------ report
+
+def wilson(successes: float, n: int) -> list[float]:
+    """95% Wilson score interval of a binomial proportion (Wilson 1927), as [low, high]."""
+    p, z2 = successes / n, Z95 ** 2
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def metric(values: list[float], problems: int) -> dict:
+    """Mean over seeds, std across seeds, and the Wilson interval of the attempts pooled over seeds.
+
+    Both reported metrics are proportions of problems: greedy pass@1 (one sample, score 0/1) and
+    pass@k from exactly k samples (the share of problems with a correct sample).
+    """
+    mean = statistics.fmean(values)
+    return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values,
+            "ci95": wilson(mean * problems * len(values), problems * len(values))}
+
+
+def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
+    """results.json's "methods": every method x split, pending methods marked as such."""
+    k = f"pass@{cfg.pass_k}"
+    methods = {}
+    for method in METHODS:
+        preset = cfg.teacher if method.name == "teacher" else cfg.student
+        entry = {"what": method.what, "start": method.start or f"random init ({preset})",
+                 "budget": f"{method.steps(cfg)} steps x {cfg.batch_size} sequences",
+                 "params": replace(PRESETS[preset], vocab_size=vocab_size).num_parameters}
+        if method.train is None:
+            methods[method.name] = {**entry, "status": method.pending, "splits": {s: method.pending for s in SPLITS}}
+            continue
+        runs = [seed[method.name] for seed in per_seed]
+        seconds = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
+        splits = {}
+        for split in SPLITS:
+            problems = runs[0]["eval"][split]["greedy"]["problems"]
+            splits[split] = {"problems": problems,
+                             "greedy pass@1": metric([r["eval"][split]["greedy"]["pass@1"] for r in runs], problems),
+                             f"sampled {k}": metric([r["eval"][split]["sampled"][k] for r in runs], problems)}
+        methods[method.name] = {**entry, "status": "done", "train_seconds": statistics.fmean(seconds) if seconds else None,
+                                "splits": splits}
+    return methods
+
+
+def cell(m: dict) -> str:
+    low, high = m["ci95"]
+    spread = f" ± {100 * m['std']:.1f}" if len(m["per_seed"]) > 1 else ""
+    return f"{100 * m['mean']:.1f}{spread} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def markdown(cfg: StudyConfig, methods: dict, seeds: int) -> str:
+    k = f"pass@{cfg.pass_k}"
+    head = ["method", "starts from", "budget", "params", "train s"]
+    head += [f"{split} {metric_name}" for split in SPLITS for metric_name in ("greedy pass@1", f"sampled {k}")]
+    lines = ["# Study results", "",
+             f"Synthetic GSM8K-style task: {cfg.n_train} train rows (1-3 steps), test {cfg.n_test} (1-3 steps), "
+             f"harder {cfg.n_harder} (4-5 steps). Accuracy in % over {seeds} seed(s): mean"
+             f"{' ± std across seeds' if seeds > 1 else ''} [95% Wilson interval of the attempts]. "
+             f"Sampled: {cfg.pass_k} samples per problem at temperature {cfg.temperature}; "
+             f"max {cfg.max_new_tokens} new tokens. Train s: the method's own stages (seq_kd includes the "
+             f"teacher's sampling); variants also build on base's.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        row = [name, m["start"], m["budget"], f"{m['params'] / 1e6:.2f}M"]
+        if m["status"] != "done":
+            row += [m["status"]] + [""] * (len(head) - 5)
+        else:
+            row += [f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?"]
+            row += [cell(m["splits"][split][metric_name]) for split in SPLITS for metric_name in ("greedy pass@1", f"sampled {k}")]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()], "",
+              "rl_curve.png: not written, no GRPO method has run yet." if not any(
+                  "grpo" in name and m["status"] == "done" for name, m in methods.items()) else ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(methods: dict, path: Path) -> str:
+    """Grouped bars: greedy pass@1 per method, one bar per split, 95% Wilson intervals as error bars."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"{path.name}: skipped, matplotlib is not installed"
+    done = [name for name, m in methods.items() if m["status"] == "done"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(done) + 2, 4))
+    width = 0.8 / len(SPLITS)
+    for i, split in enumerate(SPLITS):
+        ms = [methods[name]["splits"][split]["greedy pass@1"] for name in done]
+        means = [100 * m["mean"] for m in ms]
+        errors = [[100 * (m["mean"] - m["ci95"][0]) for m in ms], [100 * (m["ci95"][1] - m["mean"]) for m in ms]]
+        ax.bar([j + (i - (len(SPLITS) - 1) / 2) * width for j in range(len(done))], means, width, yerr=errors,
+               capsize=3, label=split)
+    ax.set_xticks(range(len(done)), done, rotation=20)
+    ax.set_ylabel("greedy pass@1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"{path.name}: written"
+
+
+def write_report(out: Path, cfg: StudyConfig, methods: dict, seeds: int):
+    results = {"config": asdict(cfg), "seeds": seeds, "methods": methods}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(cfg, methods, seeds)
+    (out / "results.md").write_text(table)
+    print(table)
+    print(plot(methods, out / "results.png"))
+
+
+# ------------------------------------------------------------------ main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/study", help="study directory (stages are cached in it)")
+    p.add_argument("--quick", action="store_true", help="toy sizes: checks the machinery in about two minutes")
+    p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1; report mean ± std")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    return args
+
+
+def check_config(out: Path, cfg: StudyConfig, force: bool):
+    """Cached stages are reused only by the config that made them."""
+    path, text = out / "study_config.json", json.dumps(asdict(cfg), indent=2) + "\n"
+    if path.exists() and path.read_text() != text and not force:
+        raise ValueError(f"{out} holds a study with another config ({path}); pass --force or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = QUICK if args.quick else StudyConfig()
+    out = Path(args.out)
+    try:
+        check_config(out, cfg, args.force)
+        prepare_data(cfg, out / "data", args.force)
+        per_seed = [run_seed(Run(cfg, seed, out / "data", out / f"seed_{seed}", args.force))
+                    for seed in range(args.seeds)]
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    vocab_size = load_tokenizer(out / "data" / "tokenizer").vocab_size
+    write_report(out, cfg, aggregate(cfg, per_seed, vocab_size), args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
