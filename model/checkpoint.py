@@ -5,8 +5,10 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or sha
 only by a fixed rename, written out once in `WEIGHT_MAP` (`{}` stands for the layer index).
 
 Loading builds the model on the `meta` device (no memory, no random init) and assigns the file's
-tensors as parameters, so the weights are materialised once. Saving writes to a temporary directory
-and moves `config.json` into place last: a crash never leaves a checkpoint that looks complete.
+tensors as parameters, so the weights are materialised once (on CPU, tensors already in `dtype` stay
+private copy-on-write mappings of the file: pages load when first touched). Saving writes to a
+temporary directory and moves `config.json` into place last: a crash never leaves a checkpoint that
+looks complete.
 """
 from __future__ import annotations
 

@@ -210,3 +210,20 @@ def test_init_weights_is_seeded_and_standard():
     assert torch.equal(a.norm.weight, torch.ones(SMALL.hidden_size))
     assert torch.equal(a.layers[0].attn.q_proj.bias, torch.zeros(SMALL.num_attention_heads * SMALL.head_dim))
     assert abs(a.embed_tokens.weight.std().item() - 0.02) < 0.002
+
+
+def test_bf16_autocast_forward_and_backward_track_fp32():
+    """Mixed precision as on GPU (autocast bf16 matmuls, fp32 norms/residual), here on CPU autocast."""
+    model = random_model(SMALL_QWEN2)
+    ids = torch.randint(0, SMALL_QWEN2.vocab_size, (2, 8), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    reference = model(ids, attention_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids, attention_mask=mask)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    real = mask.bool()
+    error = (logits.float() - reference)[real].norm() / reference[real].norm()
+    assert error < 3e-2  # bf16 has an 8-bit mantissa (~4e-3 relative per op)
+    logits.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
