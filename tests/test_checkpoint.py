@@ -145,6 +145,17 @@ def test_dtype_on_load_and_save(tmp_path):
     assert all(torch.equal(t, expected[n]) for n, t in load_file(tmp_path / "back" / WEIGHTS_FILE).items())
 
 
+def test_tied_checkpoint_with_or_without_lm_head(tmp_path):
+    ref = hf_model("qwen3", True, 2)
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_FILE)
+    assert "lm_head.weight" not in tensors  # transformers drops the tied copy
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, tmp_path / WEIGHTS_FILE)
+    x = tokens()
+    with torch.no_grad():
+        assert (load_pretrained(tmp_path)(x) - ref(x).logits).abs().max() <= 1e-4
+
+
 # --- broken checkpoints: each error names the tensor / file / field -----------------------------
 
 @pytest.fixture
