@@ -130,9 +130,9 @@ def stage(path: Path, force: bool, work: Callable[[], None]) -> float | None:
     print(f"[study] run {path}")
     t0 = time.perf_counter()
     work()
-    seconds = time.perf_counter() - t0
+    seconds = round(time.perf_counter() - t0, 1)  # as stored, so a re-run reports the same figure
     path.mkdir(parents=True, exist_ok=True)
-    seconds_file.write_text(f"{seconds:.1f}\n")
+    seconds_file.write_text(f"{seconds}\n")
     if not (path / "DONE").exists():
         (path / "DONE").write_text("done\n")
     return seconds
