@@ -8,7 +8,8 @@ plus a reduction over valid tokens. `reduce_tokens` applies any such function to
   case logits exist only `chunk_size` tokens at a time: [chunk, V] instead of [N, V]
   (8 x 4096 tokens x 151,936 vocab is ~20 GB of fp32 logits before any log-softmax copy).
 
-Two chunked paths, because the two reductions need different things from autograd:
+Two autograd Functions share one chunk loop (`_chunked_backprop`), because the reductions need
+different things from autograd:
 
 1. reduction "sum"/"mean" -> `FusedLinearSum`, the fused-linear trick of Liger-Kernel
    (Hsu et al. 2024, arXiv:2410.10989): the loss is a scalar L = sum_i w_i * l_i, so its gradient can be
@@ -18,10 +19,10 @@ Two chunked paths, because the two reductions need different things from autogra
        dL/dh_c = g_c W,   dL/dW += g_c^T h_c
    backward() only multiplies the stored gradients by the incoming scalar. Three matmuls per chunk,
    the same as the unchunked forward + backward, so no recomputation.
-2. reduction "none" -> per-token values with a gradient (e.g. GRPO's log-probs feed a nonlinear loss
-   built later). The upstream gradient differs per token, so dL/dW cannot be summed in the forward
-   pass; each chunk is wrapped in activation checkpointing instead and recomputes its logits in the
-   backward pass (one extra matmul per chunk).
+2. reduction "none" -> `FusedLinearRows`: per-token values with a gradient (e.g. GRPO's log-probs
+   feed a nonlinear loss built later). The upstream gradient differs per token, so dL/dW cannot be
+   summed in the forward pass; backward runs the same chunk loop with w_i = dLoss/dl_i, recomputing
+   each chunk's logits (one extra matmul per chunk).
 
 Both paths drop the rows with zero weight (prompt tokens, padding) before chunking, so masked tokens
 cost nothing. Row arguments (`rows`) are constants sliced alongside the tokens: tensors with a
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 TokenFn = Callable[..., torch.Tensor]  # (logits [n, V] fp32, *rows) -> [n] fp32
 REDUCTIONS = ("none", "sum", "mean")
@@ -99,35 +100,56 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
         out.add_(a @ b)
 
 
+def _chunked_backprop(token_fn, hidden, weight, rows, weights, chunk_size, need_h: bool, need_w: bool):
+    """Per-token values l_i = token_fn(hidden_i @ weight.T, *rows_i) [n] (detached) and the gradients of
+    sum_i weights_i * l_i w.r.t. hidden and weight (None where not needed), one [chunk, V] block at a time.
+    The weight gradient accumulates in fp32 (fp64 for fp64 inputs)."""
+    dtype = _compute_dtype(hidden)
+    acc_dtype = torch.promote_types(dtype, torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_h else None  # every row is written below
+    grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_w else None
+    w = weight.to(dtype)  # (V, d), a copy only when autocast lowers the precision
+    values = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        row_args = [as_logits(r[chunk]) for r in rows]  # a teacher Head projects under the caller's autocast
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
+            h = hidden[chunk].to(dtype)  # (c, d)
+            chunk_values, g = _chunk_values_and_grad(token_fn, h, w, row_args, weights[chunk], need_h or need_w)
+            if need_h:
+                grad_hidden[chunk] = g @ w  # (c, d)
+            if need_w:
+                _accumulate(grad_weight, g.T, h)  # (V, d)
+        values.append(chunk_values)
+    values = torch.cat(values) if values else hidden.new_zeros(0, dtype=acc_dtype)
+    return values, grad_hidden, grad_weight
+
+
+def _chunk_values_and_grad(token_fn, h, w, row_args, weights, need_grad: bool):
+    """token_fn on one chunk's logits, and the gradient of sum_i weights_i * l_i w.r.t. those logits
+    (cast to h's dtype for the two gradient matmuls; None when no gradient is needed)."""
+    logits = upcast(h @ w.T).requires_grad_(need_grad)  # (c, V)
+    with torch.enable_grad():
+        values = token_fn(logits, *row_args)  # (c,)
+        if not need_grad:
+            return values, None
+        g = torch.autograd.grad((values * weights).sum(), logits)[0]  # (c, V) dL/dlogits
+    return values.detach(), g.to(h.dtype)
+
+
 class FusedLinearSum(torch.autograd.Function):
-    """L = sum_i weights_i * token_fn(hidden_i @ weight.T, *rows_i), gradients computed chunk by chunk
-    in forward (see the module docstring). The weight gradient accumulates in fp32."""
+    """L = sum_i weights_i * token_fn(hidden_i @ weight.T, *rows_i), its gradients computed in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, weights, token_fn, rows, chunk_size):
-        need_h, need_w = ctx.needs_input_grad[:2]
-        dtype = _compute_dtype(hidden)
-        acc_dtype = torch.promote_types(dtype, torch.float32)
-        grad_hidden = torch.empty_like(hidden) if need_h else None  # every row is written below
-        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_w else None
-        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-        w = weight.to(dtype)  # (V, d), a copy only when autocast lowers the precision
-        for start in range(0, hidden.shape[0], chunk_size):
-            chunk = slice(start, start + chunk_size)
-            row_args = [as_logits(r[chunk]) for r in rows]  # a teacher Head projects under the caller's autocast
-            with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit below
-                h = hidden[chunk].to(dtype)  # (c, d)
-                loss, g = _chunk_loss_and_grad(token_fn, h, w, row_args, weights[chunk], need_h or need_w)
-                if need_h:
-                    grad_hidden[chunk] = g @ w  # (c, d)
-                if need_w:
-                    _accumulate(grad_weight, g.T, h)  # (V, d)
-            total += loss
+        values, grad_hidden, grad_weight = _chunked_backprop(token_fn, hidden, weight, rows, weights, chunk_size,
+                                                             *ctx.needs_input_grad[:2])
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
+        return (values * weights).sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
@@ -137,31 +159,38 @@ class FusedLinearSum(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _chunk_loss_and_grad(token_fn, h, w, row_args, weights, need_grad: bool):
-    """sum_i weights_i * token_fn(h_i @ w.T) on one chunk and its gradient w.r.t. the chunk's logits
-    (in h's dtype for the two gradient matmuls; None when no gradient is needed)."""
-    logits = upcast(h @ w.T).requires_grad_(need_grad)  # (c, V)
-    with torch.enable_grad():
-        loss = (token_fn(logits, *row_args) * weights).sum()
-    if not need_grad:
-        return loss, None
-    return loss.detach(), torch.autograd.grad(loss, logits)[0].to(h.dtype)  # (c, V) dL/dlogits
+class FusedLinearRows(torch.autograd.Function):
+    """l_i = token_fn(hidden_i @ weight.T, *rows_i) per token [n]. The upstream gradient is per token,
+    so backward recomputes each chunk's logits (under the forward's autocast state) and accumulates
+    the gradients of sum_i grad_output_i * l_i in place: one extra matmul per chunk, no [n, V] kept."""
 
+    @staticmethod
+    def forward(ctx, hidden, weight, token_fn, rows, chunk_size):
+        kind = hidden.device.type
+        ctx.autocast = dict(device_type=kind, dtype=torch.get_autocast_dtype(kind),
+                            enabled=torch.is_autocast_enabled(kind))
+        ctx.token_fn, ctx.rows, ctx.chunk_size, ctx.weight_dtype = token_fn, rows, chunk_size, weight.dtype
+        ctx.save_for_backward(hidden, weight)
+        ones = torch.ones(hidden.shape[0], device=hidden.device)
+        return _chunked_backprop(token_fn, hidden, weight, rows, ones, chunk_size, False, False)[0]
 
-def _head_values(token_fn, hidden, weight, *rows):
-    return token_fn(Head(hidden, weight).logits(), *[as_logits(r) for r in rows])  # (c,)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        hidden, weight = ctx.saved_tensors
+        with torch.autocast(**ctx.autocast):
+            _, grad_hidden, grad_weight = _chunked_backprop(ctx.token_fn, hidden, weight, ctx.rows, grad_output,
+                                                            ctx.chunk_size, *ctx.needs_input_grad[:2])
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _token_values(token_fn, logits: Logits, rows, chunk_size) -> torch.Tensor:
-    """Per-token values [n] with their graph; a Head is evaluated chunk by chunk under checkpointing."""
-    if isinstance(logits, torch.Tensor):
-        return token_fn(upcast(logits), *[as_logits(r) for r in rows])
-    chunks = []
-    for start in range(0, logits.hidden.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
-        chunks.append(checkpoint(_head_values, token_fn, logits.hidden[chunk], logits.weight,
-                                 *[r[chunk] for r in rows], use_reentrant=False))
-    return torch.cat(chunks) if chunks else logits.hidden.new_zeros(0, dtype=torch.float32)
+    """Per-token values [n] with their graph (chunked for a Head)."""
+    if isinstance(logits, Head):
+        return FusedLinearRows.apply(logits.hidden, logits.weight, token_fn, rows, chunk_size)
+    return token_fn(upcast(logits), *[as_logits(r) for r in rows])
 
 
 def flatten_tokens(x, lead: torch.Size, name: str):
