@@ -30,6 +30,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,11 +41,13 @@ from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS
 from model.tokenizer import check_vocab, load_tokenizer
 from model.transformer import Transformer
+from rl.grpo import grpo_step
 from trainer.batches import collate, data_position, load_examples, rank_micro_batches, steps_per_epoch
 from trainer.checkpoint import checkpoint_paths, full_model_state, load_checkpoint, save_checkpoint
 from trainer.config import OptimConfig, TrainConfig, load_config, to_toml
 from trainer.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
 from trainer.metrics import Metrics, plot_metrics
+from trainer.rl_stage import frozen_copy, greedy_accuracy, load_prompts, rl_record, step_rollouts
 from trainer.stages import count_tokens, make_objective
 from trainer.traces import summary, teacher_traces
 
@@ -78,8 +81,6 @@ def parse_args(argv):
 
 
 def resolve_config(args, overrides) -> TrainConfig:
-    if args.stage == "rl":
-        raise ValueError("stage 'rl' is not implemented in train.py yet (GRPO plugs into trainer/stages.py)")
     named = {"stage": args.stage, "model": args.model, "tokenizer": args.tokenizer, "data.path": args.data,
              "kd.teacher": args.teacher, "out": args.out}
     return load_config(args.recipe, named, overrides)
@@ -242,6 +243,8 @@ def main(argv=None) -> int:
             if args.resume:
                 raise ValueError("--resume applies to training stages; stage 'gen' writes its traces in one go")
             gen(cfg, d)
+        elif cfg.stage == "rl":
+            train_rl(cfg, args.resume, d)
         else:
             train(cfg, args.resume, d)
         return 0
@@ -271,6 +274,41 @@ def gen(cfg: TrainConfig, d: Dist):
     barrier()
 
 
+def open_run(cfg: TrainConfig, model, resume_path: Path | None, num_examples: int, d: Dist):
+    """Wrap the model for data parallelism, build the optimizer, restore a checkpoint:
+    (model, optimizer, first step, sharded)."""
+    model = wrap_model(model, cfg.parallel, d.device)
+    sharded = cfg.parallel == "fsdp" and d.world_size > 1
+    optimizer = build_optimizer(model, cfg.optim)
+    if resume_path is None:
+        return model, optimizer, 0, sharded
+    state = load_checkpoint(resume_path, model, optimizer, d.rank, d.world_size, sharded)
+    check_resumed_config(state, cfg, num_examples, resume_path)
+    return model, optimizer, state["step"], sharded
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def save(cfg: TrainConfig, model, optimizer, done: int, num_examples: int, global_batch: int, d: Dist, sharded: bool):
+    """The training-state checkpoint after step `done` (collective)."""
+    save_checkpoint(cfg.out, model, optimizer, done, {
+        "config": asdict(cfg), "data_position": data_position(done, num_examples, global_batch),
+        "num_examples": num_examples}, cfg.keep_last, d.is_main, sharded)
+
+
+def finish(cfg: TrainConfig, model, tokenizer_dir: str, d: Dist, sharded: bool):
+    """HF export, plots, and the DONE marker last."""
+    out = Path(cfg.out)
+    export(model, tokenizer_dir, out, d.is_main, sharded)
+    if d.is_main:
+        print(plot_metrics(out / "metrics.jsonl", out / "plots.png"))
+        (out / "DONE").write_text(f"completed {cfg.max_steps} steps\n")
+    barrier()
+
+
 def train(cfg: TrainConfig, resume: str | None, d: Dist):
     # 1. Validate every input before the run directory exists.
     tokenizer_dir = cfg.tokenizer or cfg.model
@@ -282,20 +320,12 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
     global_batch = cfg.data.micro_batch_size * cfg.data.grad_accum_steps * d.world_size
     steps_per_epoch(len(examples), global_batch, cfg.data.path)
     resume_path = prepare_out(cfg, resume, d)
-    out = Path(cfg.out)
 
     # 2. Model, optimizer, state.
-    model = wrap_model(model, cfg.parallel, d.device)
-    sharded = cfg.parallel == "fsdp" and d.world_size > 1
-    optimizer = build_optimizer(model, cfg.optim)
-    start = 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, d.rank, d.world_size, sharded)
-        check_resumed_config(state, cfg, len(examples), resume_path)
-        start = state["step"]
+    model, optimizer, start, sharded = open_run(cfg, model, resume_path, len(examples), d)
     objective = make_objective(cfg, teacher, tokenizer.vocab_size)
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-    metrics = Metrics(out, start, cfg.max_steps, d.is_main)
+    metrics = Metrics(cfg.out, start, cfg.max_steps, d.is_main)
     t_start = time.perf_counter()
 
     # 3. The loop: one optimizer step per iteration.
@@ -303,15 +333,14 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
     for step in range(start, stop):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         micro_batches = get_batch(examples, step, cfg, d, tokenizer.pad_id)
         sums = train_step(model, micro_batches, objective, cfg, d)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        evaluating = bool(eval_examples) and (done == cfg.max_steps or cfg.eval_every > 0 and done % cfg.eval_every == 0)
+        evaluating = bool(eval_examples) and evaluate_now(done, cfg)
         if evaluating or done % cfg.log_every == 0 or done == stop:
             record = {"step": done, **{k: v.item() for k, v in sums.items()}, "lr": lr,
                       "grad_norm": grad_norm.item(), "epoch": data_position(step, len(examples), global_batch)[0],
@@ -322,19 +351,65 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
             metrics.log(record)
         metrics.advance()
         if done % cfg.save_every == 0 or done == stop:
-            save_checkpoint(out, model, optimizer, done, {
-                "config": asdict(cfg), "data_position": data_position(done, len(examples), global_batch),
-                "num_examples": len(examples)}, cfg.keep_last, d.is_main, sharded)
+            save(cfg, model, optimizer, done, len(examples), global_batch, d, sharded)
     metrics.close()
-    if stop < cfg.max_steps:
-        return  # stopped early on purpose (stop_at): resume later with --resume
+    if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
+        finish(cfg, model, tokenizer_dir, d, sharded)
 
-    # 4. HF export, plots, and the DONE marker last.
-    export(model, tokenizer_dir, out, d.is_main, sharded)
-    if d.is_main:
-        print(plot_metrics(out / "metrics.jsonl", out / "plots.png"))
-        (out / "DONE").write_text(f"completed {cfg.max_steps} steps\n")
-    barrier()
+
+def evaluate_now(done: int, cfg: TrainConfig) -> bool:
+    """Evaluate after the last step and every `eval_every` steps."""
+    return done == cfg.max_steps or cfg.eval_every > 0 and done % cfg.eval_every == 0
+
+
+def train_rl(cfg: TrainConfig, resume: str | None, d: Dist):
+    """GRPO (rl/grpo.py): each step samples group_size completions for prompts_per_step prompts, scores
+    them, and takes grpo.mu optimizer steps on them. The prompt order is a function of (seed, step) and
+    step s samples with seed grpo.seed + s * world_size + rank, so a resumed run repeats the same steps."""
+    # 1. Validate every input before the run directory exists.
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(cfg, tokenizer, d.device)
+    ref_model = frozen_copy(model) if cfg.grpo.beta > 0 else None  # the initial policy, also when resuming
+    prompts = load_prompts(cfg.data.path, cfg.data, tokenizer)
+    eval_rows = load_gsm8k(cfg.data.eval_path) if cfg.data.eval_path else []
+    steps_per_epoch(len(prompts), cfg.grpo.prompts_per_step, cfg.data.path)
+    resume_path = prepare_out(cfg, resume, d)
+
+    # 2. Model, optimizer, state.
+    model, optimizer, start, sharded = open_run(cfg, model, resume_path, len(prompts), d)
+    reward_fns = cfg.grpo.reward_fns()
+    forward_context = partial(autocast, cfg, d.device)
+    stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+    metrics = Metrics(cfg.out, start, cfg.max_steps, d.is_main)
+    t_start = time.perf_counter()
+
+    # 3. The loop: one rollout batch per iteration (grpo_step takes the optimizer steps itself).
+    model.train()
+    for step in range(start, stop):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.optim, cfg.max_steps)
+        set_lr(optimizer, lr)
+        with forward_context():
+            batch = step_rollouts(model, prompts, step, cfg, tokenizer, d)
+        t1 = time.perf_counter()
+        out = grpo_step(model, ref_model, optimizer, batch, reward_fns, cfg.grpo, forward_context=forward_context)
+        done = step + 1
+        evaluating = bool(eval_rows) and evaluate_now(done, cfg)
+        if evaluating or done % cfg.log_every == 0 or done == stop:
+            record = {"step": done, **rl_record(out, batch, t1 - t0, time.perf_counter() - t1), "lr": lr,
+                      "epoch": data_position(step, len(prompts), cfg.grpo.prompts_per_step)[0],
+                      "elapsed_s": time.perf_counter() - t_start}
+            if evaluating:
+                with forward_context():
+                    record["eval_accuracy"] = greedy_accuracy(model, tokenizer, eval_rows, cfg, d)
+            metrics.log(record)
+        metrics.advance()
+        if done % cfg.save_every == 0 or done == stop:
+            save(cfg, model, optimizer, done, len(prompts), cfg.grpo.prompts_per_step, d, sharded)
+    metrics.close()
+    if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
+        finish(cfg, model, tokenizer_dir, d, sharded)
 
 
 if __name__ == "__main__":

@@ -237,8 +237,9 @@ def grpo_step(policy, ref_model, optimizer, batch: RolloutBatch, reward_fns: Seq
     advantages, drop = sequence_weights(batch, rewards, cfg)
     metrics = grpo_update(policy, ref_model, optimizer, batch, advantages, cfg, drop=drop, **update_kwargs)
     metrics.update({f"reward/{name}": r.mean().item() for name, r in per_fn.items()})
+    metrics.update({f"reward_std/{name}": r.std(correction=0).item() for name, r in per_fn.items()})
     metrics.update({
-        "reward": rewards.mean().item(),
+        "reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
         "zero_std_frac": zero_std_groups(rewards.view(-1, cfg.group_size)).float().mean().item(),
         "completion_len": batch.completion_mask.sum(1).float().mean().item(),
         "truncated_frac": batch.truncated.float().mean().item(),

@@ -76,7 +76,7 @@ def test_every_recipe_loads():
     assert recipes
     for recipe in recipes:
         cfg = load_config(str(recipe), {"model": "m", "out": "o", "data.path": "d", "kd.teacher": "t"}, [])
-        assert cfg.stage in ("sft", "kd"), recipe
+        assert cfg.stage in ("sft", "kd", "rl"), recipe
 
 
 def test_cli_overrides_parse():

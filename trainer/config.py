@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+
+from rl.grpo import GRPOConfig
 
 
 @dataclass
@@ -63,7 +65,7 @@ class GenConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "sft"  # sft | kd | gen (teacher traces for sequence-level KD); rl plugs in later
+    stage: str = "sft"  # sft | kd | gen (teacher traces for sequence-level KD) | rl (GRPO)
     model: str = ""  # preset name from model.config.PRESETS (random init) or an HF-layout directory
     tokenizer: str = ""  # tokenizer directory; defaults to the model directory when that has one
     out: str = ""  # run directory
@@ -82,9 +84,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     gen: GenConfig = field(default_factory=GenConfig)
+    # Stage rl: rl/grpo.py's own knobs. Its micro_batch_size, chunk_size and max_grad_norm replace
+    # data.micro_batch_size / grad_accum_steps, chunk_size and optim.grad_clip there; its seed seeds the sampling.
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
-CHOICES = {"stage": ("sft", "kd", "gen"), "parallel": ("ddp", "fsdp"),
+CHOICES = {"stage": ("sft", "kd", "gen", "rl"), "parallel": ("ddp", "fsdp"),
            "data.format": ("gsm8k", "chat", "prompt_completion"), "data.style": ("chat", "fewshot"),
            "kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.teacher_dtype": ("float32", "bfloat16", "float16")}
 POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
@@ -118,7 +123,7 @@ def set_value(config: TrainConfig, key: str, value, source: str, text: str | Non
         value = text
     if type(value) is not expected:
         raise ValueError(f"{source}: config key {key!r} expects {expected.__name__}, got {value!r}")
-    setattr(target, name, value)
+    object.__setattr__(target, name, value)  # GRPOConfig is frozen; validate() re-runs its checks
 
 
 def apply_dict(config: TrainConfig, table: dict, source: str, prefix: str = ""):
@@ -156,9 +161,16 @@ def validate(config: TrainConfig):
         for key in keys:
             if not ok(get_value(config, key)):
                 raise ValueError(f"config key {key!r} must be {what}, got {get_value(config, key)!r}")
-    if config.stage == "gen" and config.data.format != "gsm8k":
-        raise ValueError(f"stage 'gen' reads questions with references: config key 'data.format' must be "
+    try:
+        replace(config.grpo)  # GRPOConfig.__post_init__ checks its fields
+    except ValueError as e:
+        raise ValueError(f"config section [grpo]: {e}") from None
+    if config.stage in ("gen", "rl") and config.data.format != "gsm8k":
+        raise ValueError(f"stage {config.stage!r} reads questions with references: config key 'data.format' must be "
                          f"'gsm8k', got {config.data.format!r}")
+    if config.stage == "rl" and config.parallel != "ddp":
+        raise ValueError("stage 'rl' needs config key 'parallel' = 'ddp': ranks decode rollouts of different "
+                         "lengths, and FSDP would need every rank in every forward")
     for key in ("model", "out", "data.path") + (("kd.teacher",) if config.stage == "kd" else ()):
         if not get_value(config, key):
             raise ValueError(f"config key {key!r} is required (stage {config.stage})")

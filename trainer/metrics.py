@@ -3,6 +3,10 @@
 A record: step, loss (and its parts ce / kd), each a sum over the step's valid target tokens divided
 by their global count `loss_tokens`; lr; grad_norm (before clipping); tokens_per_s (non-padding
 input tokens of all ranks per second of the step); epoch; elapsed_s; eval_loss when evaluated.
+Stage rl (trainer/rl_stage.py): reward, reward/<fn> and reward_std/<fn> per reward function,
+accuracy (the correctness reward's mean), completion_len (mean) and completion_len_max,
+truncated_frac, zero_std_frac, clip_frac, kl, entropy, loss, grad_norm, rollout_s and update_s,
+tokens_per_s (sampled tokens), eval_accuracy (greedy pass@1) when evaluated.
 
 Only rank 0 records. On resume the file is cut back to the checkpoint's step, so the records of
 steps that were redone after a crash appear once.
@@ -13,6 +17,10 @@ import json
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+PLOTTED = ("loss", "ce", "kd", "eval_loss", "reward", "accuracy", "eval_accuracy", "completion_len", "kl",
+           "entropy", "clip_frac", "lr", "grad_norm", "tokens_per_s")
 
 
 class Metrics:
@@ -31,7 +39,8 @@ class Metrics:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = {k: record[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s") if k in record}
+        shown = {k: record[k] for k in ("loss", "eval_loss", "reward", "accuracy", "eval_accuracy", "lr",
+                                        "tokens_per_s") if k in record}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, steps: int = 1):
@@ -57,8 +66,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> str:
     except ImportError:
         return "plots skipped: matplotlib is not installed"
     records = read_metrics(metrics_path)
-    names = [k for k in ("loss", "ce", "kd", "eval_loss", "lr", "grad_norm", "tokens_per_s")
-             if any(k in r for r in records)]
+    names = [k for k in PLOTTED if any(k in r for r in records)]
     if not names:
         return "plots skipped: no metrics recorded"
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True, squeeze=False)
