@@ -19,13 +19,15 @@ a killed training stage resumes from its last checkpoint with train.py --resume)
     kd_forward  logit KD: alpha * CE + (1 - alpha) * KL(p_teacher || q_student)  train.py --stage kd
     kd_reverse  logit KD with the reverse KL(q_student || p_teacher) (MiniLLM, Gu et al. 2024)
     grpo, sft_grpo, kd_grpo
-                GRPO from base / sft / kd_forward: pending until train.py has --stage rl
+                GRPO from base / sft / kd_forward on the train questions         train.py --stage rl
     eval        eval.evaluate on test and harder: greedy pass@1, and pass@k from k samples at a temperature
-    report      results.json, results.md, results.png, and the table printed
+    report      results.json, results.md, results.png (accuracy per method and split), rl_curve.png
+                (GRPO rollout accuracy per step), and the table printed
 
 Equal budgets: sft, seq_kd, kd_forward and kd_reverse each take `variant_steps` optimizer steps of
 `batch_size` sequences from base; their compute differs (logit KD adds a teacher forward per step,
-seq_kd the teacher's sampling), which the training-time column shows.
+seq_kd the teacher's sampling), which the training-time column shows. The three GRPO runs take the
+same `grpo_steps` rollout batches, so sft_grpo vs sft and kd_grpo vs kd_forward show what GRPO adds.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from model.config import PRESETS
 from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer, train_tokenizer
 from trainer.checkpoint import checkpoint_paths
+from trainer.metrics import read_metrics
 import train
 
 SPLITS = ("test", "harder")
@@ -77,6 +80,10 @@ class StudyConfig:
     base_steps: int = 50  # short: the format, not the arithmetic
     variant_steps: int = 200  # every variant's budget from base
     kd_alpha: float = 0.5  # logit KD: alpha * CE + (1 - alpha) * KL
+    grpo_steps: int = 60  # GRPO: rollout batches (one optimizer step each) ...
+    grpo_prompts: int = 8  # ... of this many train questions ...
+    grpo_group: int = 8  # ... times this many samples (the group of the baseline)
+    grpo_lr: float = 3e-4  # constant after 5 warmup steps
     gen_questions: int = 1600  # train questions the teacher answers for seq_kd ...
     gen_samples: int = 2  # ... samples each ...
     gen_temperature: float = 0.7  # ... at this temperature
@@ -91,7 +98,8 @@ class StudyConfig:
 # long enough on a few rows to end its answers (seq_kd drops unfinished traces), and keeps wrong
 # traces, which an untrained model writes.
 QUICK = StudyConfig(teacher="tiny-student", n_train=32, n_test=4, n_harder=2, batch_size=8, max_len=160,
-                    warmup_steps=2, teacher_steps=40, base_steps=2, variant_steps=2, gen_questions=8,
+                    warmup_steps=2, teacher_steps=40, base_steps=2, variant_steps=2, grpo_steps=2,
+                    grpo_prompts=2, grpo_group=2, gen_questions=8,
                     gen_samples=2, only_correct=False, max_new_tokens=160, pass_k=2, eval_batch=8)
 
 
@@ -114,9 +122,9 @@ class Method:
     name: str
     what: str  # one line for results.md
     start: str | None  # the method whose final model it starts from (None: random init)
-    steps: Callable[[StudyConfig], int]  # its training budget in optimizer steps
-    train: Callable[[Run, "Method"], float] | None  # trains it, returns seconds; None while pending
-    pending: str = ""
+    steps: Callable[[StudyConfig], int]  # its training budget: optimizer steps ...
+    per_step: Callable[[StudyConfig], str]  # ... of what
+    train: Callable[[Run, "Method"], float]  # trains it (cached stages), returns seconds
 
 
 # ------------------------------------------------------------------ stages
@@ -154,79 +162,106 @@ def prepare_data(cfg: StudyConfig, out: Path, force: bool):
     stage(out, force, work)
 
 
-def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | None) -> list[str]:
-    """train.py arguments of a study stage; `steps` for training stages (None: stage gen)."""
+def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | None, settings: dict | None = None) -> list[str]:
+    """train.py arguments of a study stage: `steps` for training stages (None: stage gen), and
+    `settings` ({config key: value}) over the study's common ones."""
     cfg = run.cfg
     sets = {"seed": run.seed, "data.micro_batch_size": cfg.batch_size, "data.max_len": cfg.max_len,
             "data.style": "chat", "data.task": "synthetic"}
     if steps is not None:
         sets.update({"optim.lr": cfg.lr, "optim.warmup_steps": min(cfg.warmup_steps, steps),
                      "log_every": max(1, steps // 20), "save_every": max(1, steps // 4)})
+    sets.update(settings or {})
     return ["--model", model, "--tokenizer", str(run.data / "tokenizer"), "--data", data,
             "--out", str(run.root / stage_name), *(["--max-steps", str(steps)] if steps else []),
             *[f"--set={k}={v}" for k, v in sets.items()]]
 
 
-def run_train(args: list[str]):
+def run_train(stage_name: str, args: list[str]):
     """train.main in-process; resumes a run directory that holds checkpoints (a killed stage)."""
     out = Path(args[args.index("--out") + 1])
     resume = ["--resume"] if checkpoint_paths(out) else []
-    if train.main(args + resume) != 0:
+    if train.main(["--stage", stage_name, *args, *resume]) != 0:
         raise RuntimeError(f"train.py failed for {out} (its error is printed above)")
 
 
+def preset(cfg: StudyConfig, method: Method) -> str:
+    """The model preset a method's weights have: the teacher's, or the student's for every other."""
+    return cfg.teacher if method.name == "teacher" else cfg.student
+
+
 def start_model(run: Run, method: Method) -> str:
-    """The final model of method.start, or a preset for the two trained from random init."""
-    if method.start is None:
-        return run.cfg.teacher if method.name == "teacher" else run.cfg.student
-    return run.final(method.start)
+    """The final model of method.start, or the preset (random init) for teacher and base."""
+    return run.final(method.start) if method.start else preset(run.cfg, method)
+
+
+def method_args(run: Run, method: Method, data: str, settings: dict | None = None) -> list[str]:
+    return train_args(run, method.name, start_model(run, method), data, method.steps(run.cfg), settings)
 
 
 def train_sft(run: Run, method: Method) -> float:
     """SFT on the train split's reference solutions."""
-    args = train_args(run, method.name, start_model(run, method), str(run.data / "train.jsonl"), method.steps(run.cfg))
-    return stage(run.root / method.name, run.force, lambda: run_train(["--stage", "sft", *args]))
+    args = method_args(run, method, str(run.data / "train.jsonl"))
+    return stage(run.root / method.name, run.force, lambda: run_train("sft", args))
 
 
 def train_seq_kd(run: Run, method: Method) -> float:
     """The teacher's sampled traces (<name>_traces/traces.jsonl), then SFT on them as prompt/completion."""
     cfg, traces = run.cfg, run.root / f"{method.name}_traces"
-    gen = train_args(run, traces.name, run.final("teacher"), str(run.data / "questions.jsonl"), None)
-    gen += [f"--set=gen.n={cfg.gen_samples}", f"--set=gen.temperature={cfg.gen_temperature}",
-            f"--set=gen.max_new_tokens={cfg.max_new_tokens}", f"--set=gen.only_correct={str(cfg.only_correct).lower()}",
-            f"--set=gen.batch_size={cfg.eval_batch}"]
-    gen_seconds = stage(traces, run.force, lambda: run_train(["--stage", "gen", *gen]))
-    args = train_args(run, method.name, start_model(run, method), str(traces / "traces.jsonl"), method.steps(cfg))
-    sft = ["--stage", "sft", "--set=data.format=prompt_completion", *args]
-    return (gen_seconds or 0.0) + (stage(run.root / method.name, run.force, lambda: run_train(sft)) or 0.0)
+    gen = train_args(run, traces.name, run.final("teacher"), str(run.data / "questions.jsonl"), None, {
+        "gen.n": cfg.gen_samples, "gen.temperature": cfg.gen_temperature, "gen.max_new_tokens": cfg.max_new_tokens,
+        "gen.only_correct": str(cfg.only_correct).lower(), "gen.batch_size": cfg.eval_batch})
+    gen_seconds = stage(traces, run.force, lambda: run_train("gen", gen))
+    sft = method_args(run, method, str(traces / "traces.jsonl"), {"data.format": "prompt_completion"})
+    return (gen_seconds or 0.0) + (stage(run.root / method.name, run.force, lambda: run_train("sft", sft)) or 0.0)
 
 
 def train_kd(run: Run, method: Method) -> float:
     """Logit KD from the teacher; the divergence is the method name's suffix (forward / reverse KL)."""
     loss = {"kd_forward": "forward_kl", "kd_reverse": "reverse_kl"}[method.name]
-    args = train_args(run, method.name, start_model(run, method), str(run.data / "train.jsonl"), method.steps(run.cfg))
-    kd = ["--stage", "kd", "--teacher", run.final("teacher"), f"--set=kd.loss={loss}",
-          f"--set=kd.alpha={run.cfg.kd_alpha}", *args]
-    return stage(run.root / method.name, run.force, lambda: run_train(kd))
+    kd = ["--teacher", run.final("teacher"),
+          *method_args(run, method, str(run.data / "train.jsonl"), {"kd.loss": loss, "kd.alpha": run.cfg.kd_alpha})]
+    return stage(run.root / method.name, run.force, lambda: run_train("kd", kd))
 
 
-GRPO_PENDING = "pending: GRPO stage not wired yet (train.py --stage rl)"
-# Adding GRPO: one `train_grpo(run, method)` calling train.main(["--stage", "rl", ...]) from
-# start_model(run, method) for variant_steps, set as `train` of the three methods below.
+def train_grpo(run: Run, method: Method) -> float:
+    """GRPO on the train questions, reward = the gsm8k grader's correctness (recipes/rl_tiny.toml's
+    algorithm: DAPO token-level loss, group std scaling, no KL reference, one update per rollout batch)."""
+    cfg = run.cfg
+    rl = method_args(run, method, str(run.data / "train.jsonl"), {
+        "optim.lr": cfg.grpo_lr, "optim.min_lr_ratio": 1.0, "optim.warmup_steps": min(5, cfg.grpo_steps),
+        "grpo.prompts_per_step": cfg.grpo_prompts, "grpo.group_size": cfg.grpo_group,
+        "grpo.max_new_tokens": cfg.max_new_tokens, "grpo.seed": run.seed})
+    return stage(run.root / method.name, run.force, lambda: run_train("rl", rl))
+
+
+def sequences(c: StudyConfig) -> str:
+    return f"{c.batch_size} sequences"
+
+
+def rollouts(c: StudyConfig) -> str:
+    return f"{c.grpo_prompts} prompts x {c.grpo_group} samples"
+
+
+# In training order: a method's start comes before it.
 METHODS = (
-    Method("teacher", "the teacher preset, SFT on the train split", None, lambda c: c.teacher_steps, train_sft),
-    Method("base", "the student preset, short SFT (the 'Instruct' starting point)", None, lambda c: c.base_steps, train_sft),
-    Method("sft", "base + more SFT on the train labels", "base", lambda c: c.variant_steps, train_sft),
+    Method("teacher", "the teacher preset, SFT on the train split", None,
+           lambda c: c.teacher_steps, sequences, train_sft),
+    Method("base", "the student preset, short SFT (the 'Instruct' starting point)", None,
+           lambda c: c.base_steps, sequences, train_sft),
+    Method("sft", "base + more SFT on the train labels", "base", lambda c: c.variant_steps, sequences, train_sft),
     Method("seq_kd", "base + SFT on the teacher's sampled traces (sequence-level KD)", "base",
-           lambda c: c.variant_steps, train_seq_kd),
+           lambda c: c.variant_steps, sequences, train_seq_kd),
     Method("kd_forward", "base + logit KD, alpha*CE + (1-alpha)*KL(teacher||student)", "base",
-           lambda c: c.variant_steps, train_kd),
+           lambda c: c.variant_steps, sequences, train_kd),
     Method("kd_reverse", "base + logit KD, alpha*CE + (1-alpha)*KL(student||teacher)", "base",
-           lambda c: c.variant_steps, train_kd),
-    Method("grpo", "base + GRPO on the train questions", "base", lambda c: c.variant_steps, None, GRPO_PENDING),
-    Method("sft_grpo", "sft + GRPO", "sft", lambda c: c.variant_steps, None, GRPO_PENDING),
-    Method("kd_grpo", "kd_forward + GRPO", "kd_forward", lambda c: c.variant_steps, None, GRPO_PENDING),
+           lambda c: c.variant_steps, sequences, train_kd),
+    Method("grpo", "base + GRPO on the train questions (reward: the answer is correct)", "base",
+           lambda c: c.grpo_steps, rollouts, train_grpo),
+    Method("sft_grpo", "sft + the same GRPO", "sft", lambda c: c.grpo_steps, rollouts, train_grpo),
+    Method("kd_grpo", "kd_forward + the same GRPO", "kd_forward", lambda c: c.grpo_steps, rollouts, train_grpo),
 )
+RL_METHODS = ("grpo", "sft_grpo", "kd_grpo")
 
 
 # ------------------------------------------------------------------ evaluation
@@ -260,8 +295,6 @@ def run_seed(run: Run) -> dict:
     """Train (in METHODS order: every start precedes its users) and evaluate each method of one seed."""
     results = {}
     for method in METHODS:
-        if method.train is None:
-            continue
         seconds = method.train(run, method)
         results[method.name] = {"train_seconds": seconds, "eval": evaluate_method(run, method.name)}
     return results
@@ -289,17 +322,14 @@ def metric(values: list[float], problems: int) -> dict:
 
 
 def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
-    """results.json's "methods": every method x split, pending methods marked as such."""
+    """results.json's "methods": every method x split, mean over seeds."""
     k = f"pass@{cfg.pass_k}"
     methods = {}
     for method in METHODS:
-        preset = cfg.teacher if method.name == "teacher" else cfg.student
-        entry = {"what": method.what, "start": method.start or f"random init ({preset})",
-                 "budget": f"{method.steps(cfg)} steps x {cfg.batch_size} sequences",
-                 "params": replace(PRESETS[preset], vocab_size=vocab_size).num_parameters}
-        if method.train is None:
-            methods[method.name] = {**entry, "status": method.pending, "splits": {s: method.pending for s in SPLITS}}
-            continue
+        model = preset(cfg, method)
+        entry = {"what": method.what, "start": method.start or f"random init ({model})",
+                 "budget": f"{method.steps(cfg)} steps x {method.per_step(cfg)}",
+                 "params": replace(PRESETS[model], vocab_size=vocab_size).num_parameters}
         runs = [seed[method.name] for seed in per_seed]
         seconds = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
         splits = {}
@@ -308,7 +338,7 @@ def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
             splits[split] = {"problems": problems,
                              "greedy pass@1": metric([r["eval"][split]["greedy"]["pass@1"] for r in runs], problems),
                              f"sampled {k}": metric([r["eval"][split]["sampled"][k] for r in runs], problems)}
-        methods[method.name] = {**entry, "status": "done", "train_seconds": statistics.fmean(seconds) if seconds else None,
+        methods[method.name] = {**entry, "train_seconds": statistics.fmean(seconds) if seconds else None,
                                 "splits": splits}
     return methods
 
@@ -334,31 +364,36 @@ def markdown(cfg: StudyConfig, methods: dict, seeds: int) -> str:
              f"from base, lr {cfg.lr}. seq_kd: the teacher answers {cfg.gen_questions} train questions "
              f"{cfg.gen_samples} times at temperature {cfg.gen_temperature} "
              f"({'correct traces only' if cfg.only_correct else 'every finished trace'}). Logit KD: "
-             f"{cfg.kd_alpha} * CE + {1 - cfg.kd_alpha} * KL, temperature 1.", "",
+             f"{cfg.kd_alpha} * CE + {1 - cfg.kd_alpha} * KL, temperature 1. GRPO: {cfg.grpo_steps} rollout batches "
+             f"of {cfg.grpo_prompts} train questions x {cfg.grpo_group} samples at temperature 1, one optimizer "
+             f"step each, lr {cfg.grpo_lr}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         row = [name, m["start"], m["budget"], f"{m['params'] / 1e6:.2f}M"]
-        if m["status"] != "done":
-            row += [m["status"]] + [""] * (len(head) - 5)
-        else:
-            row += [f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?"]
-            row += [cell(m["splits"][split][metric_name]) for split in SPLITS for metric_name in ("greedy pass@1", f"sampled {k}")]
+        row += [f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?"]
+        row += [cell(m["splits"][split][metric_name]) for split in SPLITS for metric_name in ("greedy pass@1", f"sampled {k}")]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()], "",
-              "rl_curve.png: not written, no GRPO method has run yet." if not any(
-                  "grpo" in name and m["status"] == "done" for name, m in methods.items()) else ""]
+    lines += ["", "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()]]
     return "\n".join(lines) + "\n"
 
 
-def plot(methods: dict, path: Path) -> str:
-    """Grouped bars: greedy pass@1 per method, one bar per split, 95% Wilson intervals as error bars."""
+def pyplot():
+    """matplotlib.pyplot with a file backend, or None when matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_results(methods: dict, path: Path) -> str:
+    """Grouped bars: greedy pass@1 per method, one bar per split, 95% Wilson intervals as error bars."""
+    plt = pyplot()
+    if plt is None:
         return f"{path.name}: skipped, matplotlib is not installed"
-    done = [name for name, m in methods.items() if m["status"] == "done"]
+    done = list(methods)
     fig, ax = plt.subplots(figsize=(1.2 * len(done) + 2, 4))
     width = 0.8 / len(SPLITS)
     for i, split in enumerate(SPLITS):
@@ -377,15 +412,37 @@ def plot(methods: dict, path: Path) -> str:
     return f"{path.name}: written"
 
 
+def plot_rl_curve(root: Path, seeds: int, path: Path) -> str:
+    """Rollout accuracy (mean correctness reward of the step's samples) over GRPO steps, mean over seeds."""
+    plt = pyplot()
+    if plt is None:
+        return f"{path.name}: skipped, matplotlib is not installed"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in RL_METHODS:
+        runs = [read_metrics(root / f"seed_{seed}" / name / "metrics.jsonl") for seed in range(seeds)]
+        steps = [r["step"] for r in runs[0]]
+        ax.plot(steps, [100 * statistics.fmean(run[i]["accuracy"] for run in runs) for i in range(len(steps))],
+                marker=".", label=name)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("rollout accuracy (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"{path.name}: written"
+
+
 def headline(methods: dict) -> str:
     """The targets' figures: teacher test accuracy and the best student relative to it."""
     def test(name):
         return methods[name]["splits"]["test"]["greedy pass@1"]["mean"]
-    students = [n for n, m in methods.items() if m["status"] == "done" and n != "teacher"]
-    best = max(students, key=test)
+    best = max((name for name in methods if name != "teacher"), key=test)
     ratio = f"{test(best) / test('teacher'):.0%}" if test("teacher") > 0 else "n/a"
+    lifts = ", ".join(f"{name} {100 * (test(name) - test(start)):+.1f} over {start}"
+                      for name, start in ((m.name, m.start) for m in METHODS if m.name in RL_METHODS))
     return (f"Teacher test pass@1 {test('teacher'):.1%}. Best student: {best}, {test(best):.1%} = {ratio} of the "
-            f"teacher with {methods[best]['params'] / methods['teacher']['params']:.2f}x its parameters.")
+            f"teacher with {methods[best]['params'] / methods['teacher']['params']:.2f}x its parameters. "
+            f"GRPO lift (test pass@1 points): {lifts}.")
 
 
 def write_report(out: Path, cfg: StudyConfig, methods: dict, seeds: int):
@@ -394,7 +451,8 @@ def write_report(out: Path, cfg: StudyConfig, methods: dict, seeds: int):
     table = markdown(cfg, methods, seeds) + "\n" + headline(methods) + "\n"
     (out / "results.md").write_text(table)
     print(table)
-    print(plot(methods, out / "results.png"))
+    print(plot_results(methods, out / "results.png"))
+    print(plot_rl_curve(out, seeds, out / "rl_curve.png"))
 
 
 # ------------------------------------------------------------------ main
