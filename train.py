@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (SFT) and logit knowledge distillation (KD) of a Qwen2/Qwen3 decoder.
+"""Supervised fine-tuning (SFT), logit knowledge distillation (KD) and GRPO of a Qwen2/Qwen3 decoder.
 
     python train.py --recipe recipes/sft_tiny.toml --model tiny-student --tokenizer TOK --data train.jsonl --out runs/sft
     torchrun --nproc_per_node 2 train.py ...                       # DDP: gloo on CPU, NCCL on CUDA
@@ -18,6 +18,9 @@ Stage "kd" adds a frozen teacher: loss = alpha * CE + (1 - alpha) * KD (trainer/
 Stage "gen" is sequence-level KD's first half: --model (the teacher) samples solutions to the
 --data questions and writes <out>/traces.jsonl, which `--stage sft --set data.format=prompt_completion`
 then trains on (trainer/traces.py).
+Stage "rl" is GRPO (rl/grpo.py, knobs in the recipe's [grpo] table): each step samples group_size
+completions for prompts_per_step prompts, rewards them with the grader, and takes grpo.mu optimizer
+steps on them (train_rl; trainer/rl_stage.py holds its data, rollout and record helpers).
 Outputs in --out: config.toml (resolved config), metrics.jsonl, checkpoints/step_*.pt (training
 state), final/ (HF layout + tokenizer files), plots.png, and DONE once everything is written.
 """
@@ -372,6 +375,9 @@ def train_rl(cfg: TrainConfig, resume: str | None, d: Dist):
     model = build_model(cfg, tokenizer, d.device)
     ref_model = frozen_copy(model) if cfg.grpo.beta > 0 else None  # the initial policy, also when resuming
     prompts = load_prompts(cfg.data.path, cfg.data, tokenizer)
+    if cfg.grpo.prompts_per_step % d.world_size:  # each rank samples whole groups of its own prompts
+        raise ValueError(f"config key 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple "
+                         f"of the number of ranks ({d.world_size})")
     eval_rows = load_gsm8k(cfg.data.eval_path) if cfg.data.eval_path else []
     steps_per_epoch(len(prompts), cfg.grpo.prompts_per_step, cfg.data.path)
     resume_path = prepare_out(cfg, resume, d)

@@ -84,8 +84,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     gen: GenConfig = field(default_factory=GenConfig)
-    # Stage rl: rl/grpo.py's own knobs. Its micro_batch_size, chunk_size and max_grad_norm replace
-    # data.micro_batch_size / grad_accum_steps, chunk_size and optim.grad_clip there; its seed seeds the sampling.
+    # Stage rl: rl/grpo.py's knobs. There its micro_batch_size, chunk_size and max_grad_norm replace
+    # data.micro_batch_size / grad_accum_steps, chunk_size and optim.grad_clip, and max_new_tokens bounds
+    # the completions (data.max_len is unused); seed orders the prompts, grpo.seed seeds the sampling.
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
