@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+import train
 from data.readers import load_gsm8k
 from data.synthetic import corpus_texts, write_jsonl, write_splits
 from eval import evaluate, load_model
@@ -52,7 +53,6 @@ from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer, train_tokenizer
 from trainer.checkpoint import checkpoint_paths
 from trainer.metrics import read_metrics
-import train
 
 SPLITS = ("test", "harder")
 Z95 = 1.959964  # two-sided 95% normal quantile
@@ -162,7 +162,8 @@ def prepare_data(cfg: StudyConfig, out: Path, force: bool):
     stage(out, force, work)
 
 
-def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | None, settings: dict | None = None) -> list[str]:
+def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | None,
+               settings: dict | None = None) -> list[str]:
     """train.py arguments of a study stage: `steps` for training stages (None: stage gen), and
     `settings` ({config key: value}) over the study's common ones."""
     cfg = run.cfg
@@ -287,8 +288,8 @@ def evaluate_method(run: Run, name: str) -> dict:
                 evaluate(model, tokenizer, rows, "synthetic", params, "chat", run.cfg.eval_batch,
                          out_dir=out / f"{split}_{mode}", progress=False)
     stage(out, run.force, work)
-    return {split: {mode: json.loads((out / f"{split}_{mode}" / "summary.json").read_text()) for mode in eval_params(run)}
-            for split in SPLITS}
+    return {split: {mode: json.loads((out / f"{split}_{mode}" / "summary.json").read_text())
+                    for mode in eval_params(run)} for split in SPLITS}
 
 
 def run_seed(run: Run) -> dict:
@@ -349,29 +350,33 @@ def cell(m: dict) -> str:
     return f"{100 * m['mean']:.1f}{spread} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def preamble(cfg: StudyConfig, seeds: int) -> list[str]:
+    """What the table's figures are and every method's training budget."""
+    return [
+        f"Synthetic GSM8K-style task: {cfg.n_train} train rows (1-3 steps), test {cfg.n_test} (1-3 steps), "
+        f"harder {cfg.n_harder} (4-5 steps). Accuracy in % over {seeds} seed(s): mean"
+        f"{' ± std across seeds' if seeds > 1 else ''} [95% Wilson interval of the attempts]. "
+        f"Sampled: {cfg.pass_k} samples per problem at temperature {cfg.temperature}; "
+        f"max {cfg.max_new_tokens} new tokens. Train s: the method's own stages (seq_kd includes the "
+        f"teacher's sampling); variants also build on base's.", "",
+        f"Budgets: every variant trains {cfg.variant_steps} optimizer steps of {cfg.batch_size} sequences "
+        f"from base, lr {cfg.lr}. seq_kd: the teacher answers {cfg.gen_questions} train questions "
+        f"{cfg.gen_samples} times at temperature {cfg.gen_temperature} "
+        f"({'correct traces only' if cfg.only_correct else 'every finished trace'}). Logit KD: "
+        f"{cfg.kd_alpha} * CE + {1 - cfg.kd_alpha} * KL, temperature 1. GRPO: {cfg.grpo_steps} rollout batches "
+        f"of {cfg.grpo_prompts} train questions x {cfg.grpo_group} samples at temperature 1, one optimizer "
+        f"step each, lr {cfg.grpo_lr}."]
+
+
 def markdown(cfg: StudyConfig, methods: dict, seeds: int) -> str:
-    k = f"pass@{cfg.pass_k}"
-    head = ["method", "starts from", "budget", "params", "train s"]
-    head += [f"{split} {metric_name}" for split in SPLITS for metric_name in ("greedy pass@1", f"sampled {k}")]
-    lines = ["# Study results", "",
-             f"Synthetic GSM8K-style task: {cfg.n_train} train rows (1-3 steps), test {cfg.n_test} (1-3 steps), "
-             f"harder {cfg.n_harder} (4-5 steps). Accuracy in % over {seeds} seed(s): mean"
-             f"{' ± std across seeds' if seeds > 1 else ''} [95% Wilson interval of the attempts]. "
-             f"Sampled: {cfg.pass_k} samples per problem at temperature {cfg.temperature}; "
-             f"max {cfg.max_new_tokens} new tokens. Train s: the method's own stages (seq_kd includes the "
-             f"teacher's sampling); variants also build on base's.", "",
-             f"Budgets: every variant trains {cfg.variant_steps} optimizer steps of {cfg.batch_size} sequences "
-             f"from base, lr {cfg.lr}. seq_kd: the teacher answers {cfg.gen_questions} train questions "
-             f"{cfg.gen_samples} times at temperature {cfg.gen_temperature} "
-             f"({'correct traces only' if cfg.only_correct else 'every finished trace'}). Logit KD: "
-             f"{cfg.kd_alpha} * CE + {1 - cfg.kd_alpha} * KL, temperature 1. GRPO: {cfg.grpo_steps} rollout batches "
-             f"of {cfg.grpo_prompts} train questions x {cfg.grpo_group} samples at temperature 1, one optimizer "
-             f"step each, lr {cfg.grpo_lr}.", "",
+    columns = ("greedy pass@1", f"sampled pass@{cfg.pass_k}")
+    head = ["method", "starts from", "budget", "params", "train s", *[f"{s} {c}" for s in SPLITS for c in columns]]
+    lines = ["# Study results", "", *preamble(cfg, seeds), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
-        row = [name, m["start"], m["budget"], f"{m['params'] / 1e6:.2f}M"]
-        row += [f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?"]
-        row += [cell(m["splits"][split][metric_name]) for split in SPLITS for metric_name in ("greedy pass@1", f"sampled {k}")]
+        row = [name, m["start"], m["budget"], f"{m['params'] / 1e6:.2f}M",
+               f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?",
+               *[cell(m["splits"][split][column]) for split in SPLITS for column in columns]]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()]]
     return "\n".join(lines) + "\n"
