@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -12,3 +13,12 @@ def shared_data(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"real benchmark file {path} not found (../shared/data is absent in a fresh clone)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: the tiny end-to-end runs are faster without thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
