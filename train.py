@@ -356,6 +356,7 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
         if done % cfg.save_every == 0 or done == stop:
             save(cfg, model, optimizer, done, len(examples), global_batch, d, sharded)
     metrics.close()
+    barrier()  # rank 0 may still be writing the last checkpoint: no rank leaves (and tears down gloo) before it
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, tokenizer_dir, d, sharded)
 
@@ -414,6 +415,7 @@ def train_rl(cfg: TrainConfig, resume: str | None, d: Dist):
         if done % cfg.save_every == 0 or done == stop:
             save(cfg, model, optimizer, done, len(prompts), cfg.grpo.prompts_per_step, d, sharded)
     metrics.close()
+    barrier()  # rank 0 may still be writing the last checkpoint: no rank leaves (and tears down gloo) before it
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, tokenizer_dir, d, sharded)
 
