@@ -21,8 +21,12 @@ then trains on (trainer/traces.py).
 Stage "rl" is GRPO (rl/grpo.py, knobs in the recipe's [grpo] table): each step samples group_size
 completions for prompts_per_step prompts, rewards them with the grader, and takes grpo.mu optimizer
 steps on them (train_rl; trainer/rl_stage.py holds its data, rollout and record helpers).
+With `--set lora.rank=16` (any stage but gen; model/lora.py) only low-rank adapters train on the frozen
+base: checkpoints hold the adapters and a fingerprint of the base, GRPO's reference is the base itself
+(adapters off), and the export merges the adapters into final/ and also writes them alone to adapter/.
 Outputs in --out: config.toml (resolved config), metrics.jsonl, checkpoints/step_*.pt (training
-state), final/ (HF layout + tokenizer files), plots.png, and DONE once everything is written.
+state), final/ (HF layout + tokenizer files), adapter/ (LoRA only: PEFT layout, for the base
+`model`), plots.png, and DONE once everything is written.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from data.readers import load_gsm8k
 from data.synthetic import write_jsonl
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS
+from model.lora import adapter_state, apply_lora, merged_state, save_peft_adapter
 from model.tokenizer import check_vocab, load_tokenizer
 from model.transformer import Transformer
 from rl.grpo import grpo_step
@@ -50,7 +55,7 @@ from trainer.checkpoint import checkpoint_paths, full_model_state, load_checkpoi
 from trainer.config import OptimConfig, TrainConfig, load_config, to_toml
 from trainer.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
 from trainer.metrics import Metrics, plot_metrics
-from trainer.rl_stage import frozen_copy, greedy_accuracy, load_prompts, rl_record, step_rollouts
+from trainer.rl_stage import greedy_accuracy, load_prompts, reference_model, rl_record, step_rollouts
 from trainer.stages import count_tokens, make_objective
 from trainer.traces import summary, teacher_traces
 
@@ -90,7 +95,8 @@ def resolve_config(args, overrides) -> TrainConfig:
 
 
 def build_model(cfg: TrainConfig, tokenizer, device) -> Transformer:
-    """A preset with random init (seeded; vocab = the tokenizer's) or a pretrained HF directory."""
+    """A preset with random init (seeded; vocab = the tokenizer's) or a pretrained HF directory;
+    with lora.rank > 0, adapters (seeded) on its frozen projections."""
     if cfg.model in PRESETS:
         torch.manual_seed(cfg.seed)  # identical init on every rank
         model = Transformer(replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size))
@@ -100,6 +106,9 @@ def build_model(cfg: TrainConfig, tokenizer, device) -> Transformer:
     else:
         raise ValueError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.lora.rank:
+        torch.manual_seed(cfg.seed)  # the same adapters on every rank and in every run of this config
+        apply_lora(model, cfg.lora)
     return model.to(device)
 
 
@@ -223,11 +232,16 @@ def flat(table: dict, prefix: str = "") -> dict:
             for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
 
 
-def export(model, tokenizer_dir: str, out: Path, is_main: bool, sharded: bool):
-    """The final model in HF layout with the tokenizer files beside it (rank 0)."""
+def export(cfg: TrainConfig, model, tokenizer_dir: str, is_main: bool, sharded: bool):
+    """The final model in HF layout with the tokenizer files beside it (rank 0). With LoRA the adapters
+    are merged into it, and written alone to <out>/adapter in PEFT's layout (they apply to the base)."""
+    out = Path(cfg.out)
     state = full_model_state(model, sharded)
     if not is_main:
         return
+    if cfg.lora.rank:
+        save_peft_adapter(adapter_state(state), cfg.lora, out / "adapter", base=cfg.model)
+        state = merged_state(state, cfg.lora.scale)
     with torch.device("meta"):
         final = Transformer(unwrap(model).config)
     final.load_state_dict(state, assign=True)
@@ -305,7 +319,7 @@ def save(cfg: TrainConfig, model, optimizer, done: int, num_examples: int, globa
 def finish(cfg: TrainConfig, model, tokenizer_dir: str, d: Dist, sharded: bool):
     """HF export, plots, and the DONE marker last."""
     out = Path(cfg.out)
-    export(model, tokenizer_dir, out, d.is_main, sharded)
+    export(cfg, model, tokenizer_dir, d.is_main, sharded)
     if d.is_main:
         print(plot_metrics(out / "metrics.jsonl", out / "plots.png"))
         (out / "DONE").write_text(f"completed {cfg.max_steps} steps\n")
@@ -374,7 +388,7 @@ def train_rl(cfg: TrainConfig, resume: str | None, d: Dist):
     tokenizer_dir = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_model(cfg, tokenizer, d.device)
-    ref_model = frozen_copy(model) if cfg.grpo.beta > 0 else None  # the initial policy, also when resuming
+    ref_model = reference_model(model) if cfg.grpo.beta > 0 else None  # the initial policy, also when resuming
     prompts = load_prompts(cfg.data.path, cfg.data, tokenizer)
     if cfg.grpo.prompts_per_step % d.world_size:  # each rank samples whole groups of its own prompts
         raise ValueError(f"config key 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple "

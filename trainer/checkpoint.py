@@ -7,6 +7,10 @@ os.replace onto the final name, fsync the directory. A crash at any moment leave
 set of complete checkpoints or the old set plus the new one, never a truncated `step_*.pt`.
 Resuming reads the file on every rank (multi-node runs need `out` on a shared filesystem).
 
+With LoRA (model/lora.py) the model state holds only the adapters: the frozen base is rebuilt from
+the config's `model` on resume, and a fingerprint of its weights, stored beside the adapters, makes
+resuming on a different base an error.
+
 Under FSDP (`sharded`) each rank holds a shard; torch.distributed.checkpoint's state_dict helpers
 gather full tensors to rank 0 and scatter them back on load. They are imported only then: the
 import alone takes seconds, which every plain run would pay.
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.lora import adapter_state, base_fingerprint, load_adapter_state, lora_layers
 from trainer.distributed import all_gather_objects, unwrap
 
 
@@ -64,10 +69,13 @@ def full_optimizer_state(model, optimizer, sharded: bool) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def set_full_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool):
-    """Load full (unsharded) states; under FSDP each rank keeps its shard of them."""
+def set_full_state(model, optimizer, model_state: dict, optimizer_state: dict, sharded: bool, source: str):
+    """Load full (unsharded) states (with LoRA: the adapters); under FSDP each rank keeps its shard of them."""
     if not sharded:
-        unwrap(model).load_state_dict(model_state)
+        if lora_layers(unwrap(model)):
+            load_adapter_state(unwrap(model), model_state, source)
+        else:
+            unwrap(model).load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -83,6 +91,8 @@ def save_checkpoint(out: str | Path, model, optimizer, step: int, extra: dict, k
     state = {"model": full_model_state(model, sharded),
              "optimizer": full_optimizer_state(model, optimizer, sharded),
              "rng": all_gather_objects(rng_state()), "step": step, **extra}
+    if lora_layers(unwrap(model)):  # the frozen base is not saved, only checked on resume
+        state.update(model=adapter_state(state["model"]), base_fingerprint=base_fingerprint(unwrap(model)))
     if not is_main:
         return
     directory = Path(out) / "checkpoints"
@@ -121,6 +131,18 @@ def load_checkpoint(path: str | Path, model, optimizer, rank: int, world_size: i
     if len(state["rng"]) != world_size:
         raise ValueError(f"checkpoint {path} was written by {len(state['rng'])} ranks; resuming needs the same "
                          f"world size (now {world_size}) for exact per-rank RNG and data positions")
-    set_full_state(model, optimizer, state["model"], state["optimizer"], sharded)
+    check_base(state, unwrap(model), path)
+    set_full_state(model, optimizer, state["model"], state["optimizer"], sharded, str(path))
     set_rng_state(state["rng"][rank])
     return state
+
+
+def check_base(state: dict, model, path: Path):
+    """Adapters resume only a LoRA run, on the very base weights they were trained on."""
+    saved, lora = "base_fingerprint" in state, bool(lora_layers(model))
+    if saved != lora:
+        raise ValueError(f"--resume: {path} holds {'LoRA adapters' if saved else 'full weights'}, but this run "
+                         f"{'trains adapters' if lora else 'fine-tunes all weights'} (config key 'lora.rank')")
+    if lora and state["base_fingerprint"] != base_fingerprint(model):
+        raise ValueError(f"--resume: {path} holds adapters trained on other base weights (fingerprint "
+                         f"{state['base_fingerprint']}) than the base loaded now ({base_fingerprint(model)})")

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from model.lora import LoRAConfig
 from rl.grpo import GRPOConfig
 
 
@@ -88,6 +89,8 @@ class TrainConfig:
     # data.micro_batch_size / grad_accum_steps, chunk_size and optim.grad_clip, and max_new_tokens bounds
     # the completions (data.max_len is unused); seed orders the prompts, grpo.seed seeds the sampling.
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    # LoRA (model/lora.py) for stages sft, kd, rl: rank > 0 trains adapters on a frozen base.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 CHOICES = {"stage": ("sft", "kd", "gen", "rl"), "parallel": ("ddp", "fsdp"),
@@ -162,10 +165,15 @@ def validate(config: TrainConfig):
         for key in keys:
             if not ok(get_value(config, key)):
                 raise ValueError(f"config key {key!r} must be {what}, got {get_value(config, key)!r}")
-    try:
-        replace(config.grpo)  # GRPOConfig.__post_init__ checks its fields
-    except ValueError as e:
-        raise ValueError(f"config section [grpo]: {e}") from None
+    for section in ("grpo", "lora"):
+        try:
+            replace(getattr(config, section))  # the frozen dataclass's __post_init__ checks its fields
+        except ValueError as e:
+            raise ValueError(f"config section [{section}]: {e}") from None
+    if config.lora.rank and (config.stage == "gen" or config.parallel != "ddp"):
+        raise ValueError(f"config key 'lora.rank' > 0 needs a training stage (sft, kd, rl) and parallel = 'ddp' "
+                         f"(LoRA replicates the frozen base; FSDP is for models that do not fit), got stage "
+                         f"{config.stage!r}, parallel {config.parallel!r}")
     if config.stage in ("gen", "rl") and config.data.format != "gsm8k":
         raise ValueError(f"stage {config.stage!r} reads questions with references: config key 'data.format' must be "
                          f"'gsm8k', got {config.data.format!r}")

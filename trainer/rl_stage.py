@@ -20,6 +20,7 @@ from data.readers import load_gsm8k
 from data.templates import STOP_STRINGS, render_prompt
 from eval import evaluate
 from model.generate import SamplingParams
+from model.lora import WithoutAdapters, lora_layers
 from model.tokenizer import Tokenizer
 from rl.rollout import RolloutBatch, rollout_batches
 from trainer.batches import rank_micro_batches
@@ -40,8 +41,11 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> list[Promp
             for row in rows]
 
 
-def frozen_copy(model):
-    """The KL reference: a frozen copy of the initial policy (GRPO's pi_ref)."""
+def reference_model(model):
+    """The KL reference, GRPO's pi_ref: the initial policy. With LoRA that is the frozen base (the adapters
+    start at B = 0), so the same model with its adapters off; else a frozen copy."""
+    if lora_layers(model):
+        return WithoutAdapters(model)
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
