@@ -95,10 +95,10 @@ def resolve_config(args, overrides) -> TrainConfig:
 
 
 def build_model(cfg: TrainConfig, tokenizer, device) -> Transformer:
-    """A preset with random init (seeded; vocab = the tokenizer's) or a pretrained HF directory;
-    with lora.rank > 0, adapters (seeded) on its frozen projections."""
+    """A preset with random init (vocab = the tokenizer's) or a pretrained HF directory; with lora.rank > 0,
+    adapters on its frozen projections. Seeded: the same weights on every rank and in every run."""
+    torch.manual_seed(cfg.seed)
     if cfg.model in PRESETS:
-        torch.manual_seed(cfg.seed)  # identical init on every rank
         model = Transformer(replace(PRESETS[cfg.model], vocab_size=tokenizer.vocab_size))
     elif Path(cfg.model).is_dir():
         model = load_pretrained(cfg.model)
@@ -107,7 +107,6 @@ def build_model(cfg: TrainConfig, tokenizer, device) -> Transformer:
         raise ValueError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.lora.rank:
-        torch.manual_seed(cfg.seed)  # the same adapters on every rank and in every run of this config
         apply_lora(model, cfg.lora)
     return model.to(device)
 

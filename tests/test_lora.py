@@ -112,6 +112,26 @@ def test_start_is_the_base_only_adapters_train_and_merging_is_exact():
     assert torch.equal(model(ids, mask), adapted)  # switched on again after the block
 
 
+def test_activation_checkpointing_replays_the_adapter_dropout():
+    """Recomputing each block in backward gives the same adapter gradients (same dropout masks)."""
+    model = apply_lora(tiny_model(2), LoRAConfig(rank=4, alpha=8.0, dropout=0.2)).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    ids, mask = padded_batch()
+    grads = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        torch.manual_seed(3)
+        model(ids, mask).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_grpo_reference_is_the_base_with_adapters_off():
     """The same model with adapters disabled == a separate frozen copy of the base (no copy is made)."""
     base = tiny_model(1)
