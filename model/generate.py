@@ -4,10 +4,12 @@ One call, step by step (gpt-fast / nanochat style):
 1. prompts are left-padded in groups of `batch_size`; RoPE positions count real tokens only, so a
    padded row computes what it would alone (model/transformer.py);
 2. ONE prefill per prompt fills a pre-allocated `KVCache`, which is then repeated n times
-   (`KVCache.repeat_interleave`): the n samples of a prompt share its keys and values;
+   (`KVCache.select_rows`): the n samples of a prompt share its keys and values;
 3. the decode loop feeds every row its last token, samples the next, and ends a row on a stop id, on
    a stop string (decoded text; needs a tokenizer) or at max_new_tokens. Finished rows are fed as
-   padding (mask 0: they write nothing the others see) and the loop ends once every row is done.
+   padding (mask 0: they write nothing the others see) until a quarter of the batch has finished;
+   then they leave the batch (one copy of the cache), so a step costs what its live rows cost and
+   a few long completions do not keep the whole batch running. The loop ends once every row is done.
 
 Sampling. From the next-token logits z (fp32), in the order transformers and vLLM use:
 - temperature T: z / T; T = 0 means greedy argmax;
@@ -136,14 +138,15 @@ class StopStrings:
         self.min_chars = max(len(s) for s in stop_strings) + 4
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
 
-    def hits(self, tokens: list[int], active: list[bool]) -> list[int]:
-        """Append this step's token of each active row; return the rows whose text now holds a stop string."""
+    def hits(self, rows: list[int], tokens: list[int], live: list[bool]) -> list[int]:
+        """Append this step's token to each live row's text; return the batch positions whose text now
+        holds a stop string (rows[i] is the completion row of batch position i)."""
         hit = []
-        for row, (token, is_active) in enumerate(zip(tokens, active)):
-            if is_active:
+        for i, (row, token, is_live) in enumerate(zip(rows, tokens, live)):
+            if is_live:
                 self.tokens[row].append(token)
                 if any(s in self._tail(self.tokens[row]) for s in self.stop_strings):
-                    hit.append(row)
+                    hit.append(i)
         return hit
 
     def _tail(self, tokens: list[int]) -> str:
@@ -174,7 +177,8 @@ def _prefill(model: Transformer, prompts: list[list[int]], params: SamplingParam
     cache = KVCache(model.config, len(prompts), ids.shape[1] + params.max_new_tokens, weight.dtype, weight.device)
     last = model(ids, mask, cache=cache, return_hidden=True)[:, -1]  # (B, d): left padding ends every prompt here
     logits = F.linear(last, weight).float()  # (B, V): the vocabulary projection for the last position only
-    return logits.repeat_interleave(params.n, dim=0), cache.repeat_interleave(params.n)
+    return logits.repeat_interleave(params.n, dim=0), cache.select_rows(
+        torch.arange(len(prompts), device=weight.device).repeat_interleave(params.n))
 
 
 def _generate_group(model, prompts, first_index, params, stop_ids, tokenizer) -> list[Completion]:
@@ -189,18 +193,25 @@ def _generate_group(model, prompts, first_index, params, stop_ids, tokenizer) ->
     logprobs_t1 = torch.zeros(R, steps, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
+    rows = torch.arange(R, device=device)  # the completion row of each batch row
     for t in range(steps):
-        u = None if uniforms is None else uniforms[:, t]  # (R,)
-        token, logprobs[:, t], logprobs_t1[:, t] = sample_next(logits, params, u)
-        tokens[:, t] = token
-        lengths += ~done
+        u = None if uniforms is None else uniforms[rows, t]  # (B,)
+        token, logprobs[rows, t], logprobs_t1[rows, t] = sample_next(logits, params, u)
+        tokens[rows, t] = token
+        live = ~done[rows]  # (B,)
+        lengths[rows] += live
+        finished = torch.isin(token, stops)
         if stop_strings is not None:
-            hit = stop_strings.hits(token.tolist(), (~done).tolist())
-            done[hit] = True
-        done |= torch.isin(token, stops)
-        if t == steps - 1 or bool(done.all()):  # the one host sync per step
+            finished[stop_strings.hits(rows.tolist(), token.tolist(), live.tolist())] = True
+        live &= ~finished
+        done[rows] = ~live
+        n_live = int(live.sum())  # the one host sync per step
+        if t == steps - 1 or n_live == 0:
             break
-        logits = model(token[:, None], (~done)[:, None], cache=cache)[:, -1].float()  # (R, V)
+        if 4 * n_live <= 3 * len(rows):  # a quarter of the batch has finished: drop those rows
+            keep = live.nonzero().squeeze(1)
+            rows, token, live, cache = rows[keep], token[keep], live[keep], cache.select_rows(keep)
+        logits = model(token[:, None], live[:, None], cache=cache)[:, -1].float()  # (B, V)
     return _completions(tokens, logprobs, logprobs_t1, lengths, done, first_index, params, stop_ids, tokenizer)
 
 

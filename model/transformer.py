@@ -98,12 +98,12 @@ class KVCache:
         skips the empty tail of the static cache (memory-bound decode reads less)."""
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
-    def repeat_interleave(self, n: int) -> "KVCache":
-        """Each row repeated n times (rows i*n .. i*n+n-1 copy row i): one prefill, n samples."""
+    def select_rows(self, rows: torch.Tensor) -> "KVCache":
+        """A cache of the given batch rows ([R] indices, repeats allowed), e.g. each prompt's row
+        repeated n times (one prefill, n samples) or the rows still decoding (finished ones dropped)."""
         out = object.__new__(KVCache)
-        out.k, out.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        out.valid = self.valid.repeat_interleave(n, dim=0)
-        out.next_position = self.next_position.repeat_interleave(n, dim=0)
+        out.k, out.v = self.k[:, rows], self.v[:, rows]
+        out.valid, out.next_position = self.valid[rows], self.next_position[rows]
         out.length = self.length
         return out
 
@@ -136,7 +136,14 @@ class Attention(nn.Module):
             cache.k[self.layer_idx].index_copy_(2, slots, k.to(cache.k.dtype))
             cache.v[self.layer_idx].index_copy_(2, slots, v.to(cache.v.dtype))
             k, v = cache.filled(self.layer_idx)  # (B, nkv, cache.length, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if cache is not None and T == 1:
+            # decode: the query heads that share a kv head act as its query rows, one plain attention
+            # per kv head (1.2-1.7x faster than enable_gqa at one query on CPU)
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
+            y = y.view(B, self.n_heads, T, self.head_dim)  # (B, nh, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -149,10 +149,16 @@ def test_stop_ids_and_length():
     free = generate(model, prompts, params, stop_ids=[])
     assert all(c.finish_reason == "length" and len(c.tokens) == 16 for c in free)
     stop = free[0].tokens[5]
-    stopped = generate(model, prompts, params, stop_ids=[stop, VOCAB - 1])
+    batch_rows = []
+    handle = model.register_forward_pre_hook(lambda module, args: batch_rows.append(args[0].shape[0]))
+    try:
+        stopped = generate(model, prompts, params, stop_ids=[stop, VOCAB - 1])
+    finally:
+        handle.remove()
+    assert min(batch_rows) < len(prompts)  # finished rows left the batch ...
     for c, f in zip(stopped, free):
         cut = next((i + 1 for i, t in enumerate(f.tokens) if t in (stop, VOCAB - 1)), None)
-        assert c.tokens == f.tokens[:cut]  # finished rows stop; the others go on unchanged
+        assert c.tokens == f.tokens[:cut]  # ... and the others went on unchanged
         assert c.logprobs_t1 == pytest.approx(f.logprobs_t1[:cut], abs=1e-5)
         assert c.finish_reason == ("length" if cut is None else "stop")
     assert stopped[0].finish_reason == "stop" and stopped[0].tokens[-1] == stop

@@ -167,15 +167,17 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
     assert (cached[real] - full[real]).abs().max() <= 1e-5
 
 
-def test_kv_cache_repeat_interleave_shares_one_prefill():
+def test_kv_cache_select_rows_reorders_repeats_and_drops_rows():
+    """select_rows serves both one prefill for n samples (repeats) and dropping finished rows (subsets)."""
     model = random_model(SMALL_QWEN2)
-    prompts = torch.randint(0, SMALL_QWEN2.vocab_size, (2, 5), generator=torch.Generator().manual_seed(6))
-    nxt = torch.randint(0, SMALL_QWEN2.vocab_size, (6, 1), generator=torch.Generator().manual_seed(7))
+    prompts = torch.randint(0, SMALL_QWEN2.vocab_size, (3, 5), generator=torch.Generator().manual_seed(6))
+    rows = torch.tensor([2, 0, 0, 2, 2])  # row 1 dropped, the others repeated and reordered
+    nxt = torch.randint(0, SMALL_QWEN2.vocab_size, (5, 1), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        cache = KVCache(SMALL_QWEN2, 2, 8, torch.float32, "cpu")
+        cache = KVCache(SMALL_QWEN2, 3, 8, torch.float32, "cpu")
         model(prompts, cache=cache)
-        shared = model(nxt, cache=cache.repeat_interleave(3))[:, -1]  # (6, V)
-        full = model(torch.cat([prompts.repeat_interleave(3, dim=0), nxt], dim=1))[:, -1]
+        shared = model(nxt, cache=cache.select_rows(rows))[:, -1]  # (5, V)
+        full = model(torch.cat([prompts[rows], nxt], dim=1))[:, -1]
     assert (shared - full).abs().max() <= 1e-5
 
 
