@@ -114,3 +114,6 @@ def test_tokenizer_on_synthetic_corpus(splits, tmp_path):
         assert tok.decode(ids) == text
     digits = [tok.decode([i]) for i in tok.encode(splits["harder"][0]["answer"])]
     assert all(sum(c.isdigit() for c in piece) <= 1 for piece in digits)
+    # the prompt framing is in the corpus, so BPE learns its words whole (not letter by letter)
+    for framing in ("user\n", "assistant\n", "Solve step by step.", "Question: "):
+        assert len(tok.encode(framing)) <= len(framing.split()) + 2, [tok.decode([i]) for i in tok.encode(framing)]
