@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import study
 
@@ -117,6 +118,18 @@ def test_killed_stage_resumes_from_its_checkpoint(quick):
     assert f"[study] run {stage}\n" in log and "[study] run" not in log.replace(f"[study] run {stage}\n", "")
     assert (stage / "DONE").exists()
     assert (stage / "final" / "model.safetensors").read_bytes() == weights
+
+
+def test_same_seed_gives_the_same_table(quick, tmp_path):
+    """A second study from scratch (same seed, config and machine): the same accuracies, bit-identical weights."""
+    out, _ = quick
+    rc, log = run_study(tmp_path)
+    assert rc == 0, log
+    first, second = (json.loads((d / "results.json").read_text())["methods"] for d in (out, tmp_path))
+    for name in TRAINED:
+        assert first[name]["splits"] == second[name]["splits"], name
+        a, b = (load_file(d / "seed_0" / name / "final" / "model.safetensors") for d in (out, tmp_path))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_other_config_in_the_same_directory_is_refused(quick, capsys):
