@@ -369,7 +369,6 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
         if done % cfg.save_every == 0 or done == stop:
             save(cfg, model, optimizer, done, len(examples), global_batch, d, sharded)
     metrics.close()
-    barrier()  # rank 0 may still be writing the last checkpoint: no rank leaves (and tears down gloo) before it
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, tokenizer_dir, d, sharded)
 
@@ -428,7 +427,6 @@ def train_rl(cfg: TrainConfig, resume: str | None, d: Dist):
         if done % cfg.save_every == 0 or done == stop:
             save(cfg, model, optimizer, done, len(prompts), cfg.grpo.prompts_per_step, d, sharded)
     metrics.close()
-    barrier()  # rank 0 may still be writing the last checkpoint: no rank leaves (and tears down gloo) before it
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, tokenizer_dir, d, sharded)
 

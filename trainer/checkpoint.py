@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.lora import adapter_state, base_fingerprint, load_adapter_state, lora_layers
-from trainer.distributed import all_gather_objects, unwrap
+from trainer.distributed import all_gather_objects, barrier, unwrap
 
 
 def rng_state() -> dict:
@@ -87,15 +87,21 @@ def set_full_state(model, optimizer, model_state: dict, optimizer_state: dict, s
 
 def save_checkpoint(out: str | Path, model, optimizer, step: int, extra: dict, keep_last: int, is_main: bool,
                     sharded: bool):
-    """Collective: every rank calls it (state gathering); rank 0 writes and prunes to `keep_last`."""
+    """Collective: every rank calls it (state gathering); rank 0 writes and prunes to `keep_last`, and
+    every rank returns once the file is on disk (none leaves, or tears down the process group, early)."""
     state = {"model": full_model_state(model, sharded),
              "optimizer": full_optimizer_state(model, optimizer, sharded),
              "rng": all_gather_objects(rng_state()), "step": step, **extra}
-    if lora_layers(unwrap(model)):  # the frozen base is not saved, only checked on resume
-        state.update(model=adapter_state(state["model"]), base_fingerprint=base_fingerprint(unwrap(model)))
-    if not is_main:
-        return
-    directory = Path(out) / "checkpoints"
+    if is_main:
+        if lora_layers(unwrap(model)):  # the frozen base is not saved, only checked on resume
+            state.update(model=adapter_state(state["model"]), base_fingerprint=base_fingerprint(unwrap(model)))
+        write_checkpoint(Path(out), state, step, keep_last)
+    barrier()
+
+
+def write_checkpoint(out: Path, state: dict, step: int, keep_last: int):
+    """torch.save into a hidden temp file, fsync, rename onto step_<step>.pt, fsync the directory; prune."""
+    directory = out / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
     tmp = directory / f".{path.name}.tmp"
