@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.synthetic import corpus_texts, make_splits, write_jsonl
+from model.tokenizer import train_tokenizer
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -22,3 +25,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def synthetic_workspace(root: Path, n_train: int, n_test: int, vocab_size: int = 400):
+    """root/train.jsonl and root/eval.jsonl of the synthetic task (seed 0), and a tokenizer trained on
+    the train rows in root/tok (returned): what the end-to-end train.py tests run on."""
+    splits = make_splits(seed=0, n_train=n_train, n_test=n_test, n_harder=1)
+    write_jsonl(root / "train.jsonl", splits["train"])
+    write_jsonl(root / "eval.jsonl", splits["test"])
+    return train_tokenizer(corpus_texts(splits["train"]), root / "tok", vocab_size)

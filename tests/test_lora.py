@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from data.synthetic import corpus_texts, make_splits, write_jsonl
+from conftest import synthetic_workspace
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS
 from model.lora import (LoRAConfig, LoRALinear, adapters_disabled, apply_lora, is_adapter, merge_lora,
                         peft_name)
-from model.tokenizer import train_tokenizer
 from model.transformer import Transformer
 from rl.grpo import completion_logprobs
 from rl.rollout import RolloutBatch
@@ -160,9 +159,7 @@ def test_grpo_reference_is_the_base_with_adapters_off():
 def workspace(tmp_path_factory):
     """Tokenizer, synthetic train JSONL, and a pretrained-layout base (tiny-student, seed 1)."""
     root = tmp_path_factory.mktemp("lora_ws")
-    splits = make_splits(seed=0, n_train=16, n_test=4, n_harder=1)
-    write_jsonl(root / "train.jsonl", splits["train"])
-    train_tokenizer(corpus_texts(splits["train"]), root / "tok", vocab_size=VOCAB)
+    synthetic_workspace(root, n_train=16, n_test=4, vocab_size=VOCAB)
     save_pretrained(tiny_model(1), root / "base")
     return root
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from data.synthetic import corpus_texts, make_splits, write_jsonl
+from conftest import synthetic_workspace
 from model.checkpoint import save_pretrained
 from model.config import PRESETS
 from model.tokenizer import train_tokenizer
@@ -29,10 +29,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 def workspace(tmp_path_factory):
     """Tokenizer, train/eval JSONL of the synthetic task, and a teacher whose head has 8 padded rows."""
     root = tmp_path_factory.mktemp("train_ws")
-    splits = make_splits(seed=0, n_train=24, n_test=8, n_harder=1)
-    write_jsonl(root / "train.jsonl", splits["train"])
-    write_jsonl(root / "eval.jsonl", splits["test"])
-    tokenizer = train_tokenizer(corpus_texts(splits["train"]), root / "tok", vocab_size=400)
+    tokenizer = synthetic_workspace(root, n_train=24, n_test=8)
     torch.manual_seed(1)
     save_pretrained(Transformer(replace(PRESETS["tiny-student"], vocab_size=tokenizer.vocab_size + 8)),
                     root / "teacher")

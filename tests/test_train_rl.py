@@ -16,10 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import synthetic_workspace
 import trainer.rl_stage as rl_stage
-from data.synthetic import corpus_texts, make_splits, write_jsonl
 from model.config import PRESETS
-from model.tokenizer import train_tokenizer
 from model.transformer import Transformer
 from rl.rollout import RolloutBatch
 
@@ -31,10 +30,7 @@ RL_KEYS = ("reward", "reward/correct", "reward_std/correct", "reward/format", "r
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_ws")
-    splits = make_splits(seed=0, n_train=16, n_test=4, n_harder=1)
-    write_jsonl(root / "train.jsonl", splits["train"])
-    write_jsonl(root / "eval.jsonl", splits["test"])
-    train_tokenizer(corpus_texts(splits["train"]), root / "tok", vocab_size=400)
+    synthetic_workspace(root, n_train=16, n_test=4)
     return root
 
 
