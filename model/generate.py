@@ -177,8 +177,8 @@ def _prefill(model: Transformer, prompts: list[list[int]], params: SamplingParam
     cache = KVCache(model.config, len(prompts), ids.shape[1] + params.max_new_tokens, weight.dtype, weight.device)
     last = model(ids, mask, cache=cache, return_hidden=True)[:, -1]  # (B, d): left padding ends every prompt here
     logits = F.linear(last, weight).float()  # (B, V): the vocabulary projection for the last position only
-    return logits.repeat_interleave(params.n, dim=0), cache.select_rows(
-        torch.arange(len(prompts), device=weight.device).repeat_interleave(params.n))
+    rows = torch.arange(len(prompts), device=weight.device).repeat_interleave(params.n)  # prompt i -> rows i*n..i*n+n-1
+    return logits[rows], cache.select_rows(rows)
 
 
 def _generate_group(model, prompts, first_index, params, stop_ids, tokenizer) -> list[Completion]:
