@@ -10,8 +10,9 @@ synthetic-code (HumanEval format) tasks. Each names a loader (data/readers.py), 
 and our SFT models) and "fewshot" (plain text for base models; code tasks then use the raw prompt).
 
 Metrics over n samples per problem (data/passk.py): pass@k, the unbiased estimator of Chen et al.
-2021, for k = 1, 2, 4, ... < n and n (pass@1 is the mean score over all samples), and maj@k
-(self-consistency vote on the extracted answers; not for code, which has no answer to vote on).
+2021, for every k <= n (pass@1 is the mean score over samples), and maj@k (self-consistency vote on
+the extracted answers; not for code, which has no answer to vote on). summary.json holds every k;
+the printed table shows k = 1, 2, 4, ... < n and n.
 
 Outputs in --out: generations.jsonl (one line per sample: id, sample, prompt, completion,
 finish_reason, extracted, score, note) and summary.json.
@@ -115,10 +116,10 @@ def summarize(task: str, per_problem: list[list[Grade]]) -> dict:
         raise ValueError("summarize: every problem needs at least one graded sample")
     n = min(len(grades) for grades in per_problem)
     summary = {"task": task, "problems": len(per_problem), "samples_per_problem": n}
-    for k in report_ks(n):
+    for k in range(1, n + 1):
         summary[f"pass@{k}"] = _mean(pass_at_k(len(g), sum(x.score == 1.0 for x in g), k) for g in per_problem)
     if TASKS[task].grader != "code":
-        for k in report_ks(n):
+        for k in range(1, n + 1):
             summary[f"maj@{k}"] = _mean(maj_at_k([x.extracted for x in g], [x.score for x in g], k) for g in per_problem)
     return summary
 
@@ -180,7 +181,11 @@ def write_outputs(out_dir: str | Path, records: list[dict], summary: dict):
 
 
 def print_table(summary: dict):
+    """summary's entries, its pass@k / maj@k only for the k of report_ks."""
+    shown = {f"{metric}@{k}" for metric in ("pass", "maj") for k in report_ks(summary["samples_per_problem"])}
     for key, value in summary.items():
+        if "@" in key and key not in shown:
+            continue
         print(f"{key:<22}{value:.4f}" if isinstance(value, float) else f"{key:<22}{value}")
 
 

@@ -41,5 +41,6 @@ def maj_at_k(extracted: list[str | None], scores: list[float], k: int) -> float:
 
 
 def report_ks(n: int) -> list[int]:
-    """The k reported for n samples: powers of two below n, and n itself."""
+    """The k a printed table shows for n samples: powers of two below n, and n itself
+    (summary.json holds every k <= n)."""
     return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})

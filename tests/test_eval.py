@@ -67,16 +67,15 @@ def test_grade_only_cli_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     # Each problem has c=2 correct of n=4: pass@1 = 2/4, pass@2 = 1 - C(2,2)/C(4,2) = 5/6, pass@4 = 1.
     assert summary["problems"] == 3 and summary["samples_per_problem"] == 4
-    assert summary["pass@1"] == pytest.approx(0.5)
-    assert summary["pass@2"] == pytest.approx(5 / 6)
-    assert summary["pass@4"] == pytest.approx(1.0)
-    # maj@k: problem 0 votes 5 (right) for every k; problem 1 votes 3 (k=1, 2) then ties 3-3 vs 10-10
-    # and keeps the first seen, 3 (wrong); problem 2 votes 1000 (right): 2/3 for every k.
-    assert [summary[f"maj@{k}"] for k in (1, 2, 4)] == pytest.approx([2 / 3] * 3)
+    # pass@3 = 1 - C(2,3)/C(4,3) = 1: every 3 of the 4 samples hold a correct one.
+    assert [summary[f"pass@{k}"] for k in (1, 2, 3, 4)] == pytest.approx([0.5, 5 / 6, 1.0, 1.0])
+    # maj@k: problem 0 votes 5 (right) for every k; problem 1 votes 3 (k=1, 2, 3) then ties 3-3 vs
+    # 10-10 and keeps the first seen, 3 (wrong); problem 2 votes 1000 (right): 2/3 for every k.
+    assert [summary[f"maj@{k}"] for k in (1, 2, 3, 4)] == pytest.approx([2 / 3] * 4)
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(records) == 12 and [r["score"] for r in records[8:]] == [1.0, 1.0, 0.0, 0.0]
     assert records[9]["extracted"] == "1000" and records[11]["extracted"] is None
-    assert "pass@2" in result.stdout
+    assert "pass@2" in result.stdout and "pass@3" not in result.stdout  # the table shows k = 1, 2, 4
 
 
 def test_grade_only_rejects_unknown_id(tmp_path):
@@ -86,6 +85,19 @@ def test_grade_only_rejects_unknown_id(tmp_path):
     completions.write_text('{"id": 0, "completion": "1"}\n{"id": 5, "completion": "1"}\n')
     rows = load_gsm8k(data)
     with pytest.raises(ValueError, match=r"c.jsonl:2: field 'id' 5 matches no row"):
+        evaluation.read_completions(completions, rows)
+
+
+def test_grade_only_ids_are_task_ids_for_code(tmp_path):
+    tasks = write_splits(tmp_path, seed=0, n_train=1, n_test=1, n_harder=1, n_code=3)["code"]
+    rows = load_humaneval(tasks)
+    completions = tmp_path / "c.jsonl"
+    completions.write_text("".join(json.dumps({"id": i, "completion": c}) + "\n" for i, c in
+                                   [("Synthetic/2", "a"), ("Synthetic/0", "b"), ("Synthetic/2", "c")]))
+    used, texts = evaluation.read_completions(completions, rows)
+    assert [row["id"] for row in used] == ["Synthetic/0", "Synthetic/2"] and texts == [["b"], ["a", "c"]]
+    completions.write_text('{"id": 0, "completion": "a"}\n')  # a row index is not a HumanEval id
+    with pytest.raises(ValueError, match=r"c.jsonl:1: field 'id' 0 matches no row"):
         evaluation.read_completions(completions, rows)
 
 
@@ -155,5 +167,12 @@ def test_main_with_model_and_code_task(tiny, tmp_path):
     assert [r["id"] for r in records] == ["Synthetic/0", "Synthetic/1"]
     # Base-model code prompts are the raw function prompt (Codex protocol), not "Question: ...".
     assert [r["prompt"] for r in records] == [row["prompt"] for row in load_humaneval(paths["code"])]
+    # The sampling flags reach SamplingParams, --limit keeps the first K problems.
+    sampled = evaluation.main(["--model", str(model_dir), "--task", "synthetic-code", "--data", str(paths["code"]),
+                               "--max-new-tokens", "3", "--device", "cpu", "--style", "fewshot", "--limit", "1",
+                               "--n-samples", "3", "--temperature", "0.7", "--top-p", "0.9", "--seed", "5"])
+    expected = {"problems": 1, "samples_per_problem": 3, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 3, "seed": 5}
+    assert {key: sampled[key] for key in expected} == expected
+    assert [f"pass@{k}" in sampled for k in (1, 2, 3, 4)] == [True, True, True, False]
     with pytest.raises(SystemExit):  # n > 1 identical greedy samples is refused
         evaluation.parse_args(["--model", "m", "--task", "gsm8k", "--data", "d", "--n-samples", "4"])

@@ -36,6 +36,12 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
+def test_line_that_is_not_an_object(tmp_path):
+    path = write_lines(tmp_path / "list.jsonl", ['{"prompt": "a", "completion": "b"}', '["a", "b"]'])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: expected a JSON object, got list")):
+        load_prompt_completion(path)
+
+
 def test_missing_and_ill_typed_fields_name_file_line_field(tmp_path):
     path = write_lines(tmp_path / "g.jsonl", ['{"question": "a", "answer": "#### 1"}', '{"question": "b"}'])
     with pytest.raises(ValueError, match=r"g.jsonl:2: field 'answer' missing"):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from data.graders.code import grade
-from data.sandbox import SANDBOX_UIDS, Limits, run_program
+from data.sandbox import OUTPUT_KEPT, SANDBOX_UIDS, Limits, run_program
 
 LIMITS = Limits(timeout_s=2.0)
 HARD_WALL_S = 60  # a broken sandbox fails the test instead of hanging the suite
@@ -52,6 +52,7 @@ def test_correct_and_wrong_programs():
 
 @pytest.mark.parametrize("body, note", [
     ("    return 0\nimport sys\nsys.exit(0)\n", "failed: exit status 0"),      # exits 0 before the asserts
+    ("    return 0\nimport os\nos._exit(0)\n", "failed: exit status 0"),            # the guard leaves os._exit
     ("    return 0\nimport posix\nposix._exit(0)\n", "failed: exit status 0"),
     ("    while True:\n        pass\n", "timed out"),
     ("    return x + 1\nx = bytearray(16 << 30)\n", "failed: MemoryError"),  # 16 GB
@@ -63,11 +64,28 @@ def test_attacks_score_zero(body, note):
     assert time.perf_counter() - start < LIMITS.timeout_s + 10
 
 
-def test_gigabyte_of_stdout_is_capped():
-    source = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\n"
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_gigabyte_of_output_is_capped(stream):
+    source = f"import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.{stream}.write(chunk)\n"
     result = bounded(run_program, source, LIMITS)
-    assert not result.completed and "File too large" in result.stderr
-    assert len(result.stdout) <= 4096
+    assert not result.completed and result.returncode != 0  # RLIMIT_FSIZE stopped the writes
+    if stream == "stdout":  # (a full stderr cannot take the traceback)
+        assert "File too large" in result.stderr
+    assert len(result.stdout) <= OUTPUT_KEPT and len(result.stderr) <= OUTPUT_KEPT
+
+
+def test_child_runs_under_the_rlimits_with_stdin_closed():
+    """The kernel's view from inside the program: the four rlimits (hard = soft) and an empty stdin."""
+    limits = Limits(timeout_s=2.5, memory_bytes=3 << 30, max_processes=20, max_file_bytes=5 << 20)
+    source = ("import resource, sys\n"
+              "for name in ('CPU', 'AS', 'NPROC', 'FSIZE'):\n"
+              "    print(*resource.getrlimit(getattr(resource, 'RLIMIT_' + name)))\n"
+              "print(repr(sys.stdin.read()))\n")
+    result = bounded(run_program, source, limits)
+    assert result.completed, result.stderr
+    cpu_s = 4  # the wall limit rounded up, plus 1 s
+    assert result.stdout.split("\n")[:5] == [f"{cpu_s} {cpu_s}", f"{3 << 30} {3 << 30}", "20 20",
+                                               f"{5 << 20} {5 << 20}", "''"]
 
 
 @as_root
