@@ -7,8 +7,11 @@ path of the sandbox, which is how it runs here; as a non-root user they are skip
 sandbox docstring for what is and is not isolated then).
 """
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -118,15 +121,23 @@ def test_fork_bomb_is_capped_and_cleaned_up():
 
 
 @as_root
-def test_cannot_kill_parent_or_delete_its_files(tmp_path):
-    canary = tmp_path / "canary.txt"
-    canary.write_text("alive")
-    body = ("    return x + 1\nimport posix\n"
-            f"try:\n    posix.unlink({str(canary)!r})\nexcept OSError:\n    pass\n"
-            "posix.kill(posix.getppid(), 9)\n")
-    result = bounded(grade, body, TASK, LIMITS)
-    assert result.score == 0.0 and "PermissionError" in result.note
-    assert canary.read_text() == "alive"  # and this process is still here to check it
+def test_cannot_kill_parent_or_delete_its_files():
+    # The canary's directory is world-readable, so the program reaches and reads the file: only the
+    # separate uid (no write permission on the directory) stops the unlink.
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o755)
+        canary = shared / "canary.txt"
+        canary.write_text("alive")
+        source = (f"import posix\nprint(open({str(canary)!r}).read())\n"
+                  f"try:\n    posix.unlink({str(canary)!r})\nexcept OSError as e:\n    print(type(e).__name__)\n"
+                  "posix.kill(posix.getppid(), 9)\n")
+        result = bounded(run_program, source, LIMITS)
+        assert not result.completed and "PermissionError" in result.stderr  # the kill was refused
+        assert result.stdout.split() == ["alive", "PermissionError"]
+        assert canary.read_text() == "alive"  # and this process is still here to check it
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_parent_environment_is_not_inherited(monkeypatch):
