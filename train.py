@@ -14,7 +14,9 @@ world_size. The update is then that of one big batch: 1 rank x 4 accumulation st
 4 x 1 agree. Averaging per-micro-batch means instead would weight a token of a short micro-batch
 more than one of a long micro-batch.
 
-Stage "kd" adds a frozen teacher: loss = alpha * CE + (1 - alpha) * KD (trainer/stages.py).
+Stage "kd" adds a frozen teacher: loss = alpha * CE + (1 - alpha) * KD (trainer/stages.py); with
+kd.on_policy_lambda > 0 that fraction of the steps trains on completions the student samples, scored
+by the teacher with the KD term alone (GKD; trainer/on_policy.py).
 Stage "gen" is sequence-level KD's first half: --model (the teacher) samples solutions to the
 --data questions and writes <out>/traces.jsonl, which `--stage sft --set data.format=prompt_completion`
 then trains on (trainer/traces.py).
@@ -55,6 +57,7 @@ from trainer.checkpoint import checkpoint_paths, full_model_state, load_checkpoi
 from trainer.config import OptimConfig, TrainConfig, load_config, to_toml
 from trainer.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
 from trainer.metrics import Metrics, plot_metrics
+from trainer.on_policy import on_policy_step, student_examples
 from trainer.rl_stage import greedy_accuracy, load_prompts, reference_model, rl_record, step_rollouts
 from trainer.stages import count_tokens, make_objective
 from trainer.traces import summary, teacher_traces
@@ -153,11 +156,16 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
 
 
-def get_batch(examples, step: int, cfg: TrainConfig, d: Dist, pad_id: int) -> list[dict]:
-    """This rank's padded micro-batches for optimizer step `step`."""
+def get_batch(model, examples, step: int, cfg: TrainConfig, d: Dist, tokenizer) -> tuple[list[dict], bool]:
+    """This rank's padded micro-batches for optimizer step `step`, and whether their completions are the
+    student's samples (on-policy KD, trainer/on_policy.py) rather than the dataset's."""
     micro = rank_micro_batches(examples, step, cfg.seed, cfg.data.micro_batch_size,
                                cfg.data.grad_accum_steps, d.rank, d.world_size)
-    return [collate(m, pad_id, d.device) for m in micro]
+    on_policy = on_policy_step(step, cfg)
+    if on_policy:
+        with autocast(cfg, d.device):
+            micro = student_examples(model, micro, step, cfg, tokenizer, d)
+    return [collate(m, tokenizer.pad_id, d.device) for m in micro], on_policy
 
 
 def autocast(cfg: TrainConfig, device):
@@ -340,6 +348,7 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
     # 2. Model, optimizer, state.
     model, optimizer, start, sharded = open_run(cfg, model, resume_path, len(examples), d)
     objective = make_objective(cfg, teacher, tokenizer.vocab_size)
+    on_policy_objective = make_objective(cfg, teacher, tokenizer.vocab_size, on_policy=True)
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     metrics = Metrics(cfg.out, start, cfg.max_steps, d.is_main)
     t_start = time.perf_counter()
@@ -350,8 +359,8 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
-        micro_batches = get_batch(examples, step, cfg, d, tokenizer.pad_id)
-        sums = train_step(model, micro_batches, objective, cfg, d)
+        micro_batches, on_policy = get_batch(model, examples, step, cfg, d, tokenizer)
+        sums = train_step(model, micro_batches, on_policy_objective if on_policy else objective, cfg, d)
         grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -362,6 +371,8 @@ def train(cfg: TrainConfig, resume: str | None, d: Dist):
                       "grad_norm": grad_norm.item(), "epoch": data_position(step, len(examples), global_batch)[0],
                       "tokens_per_s": count_inputs(micro_batches) / (time.perf_counter() - t0),
                       "elapsed_s": time.perf_counter() - t_start}
+            if cfg.stage == "kd":
+                record["on_policy"] = int(on_policy)
             if evaluating:
                 record["eval_loss"] = evaluate(model, eval_examples, objective, cfg, d, tokenizer.pad_id)
             metrics.log(record)

@@ -81,12 +81,20 @@ def assert_weights_close(a: dict, b: dict, atol: float):
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(workspace, tmp_path, one_process_run):
-    """torchrun DDP 2 ranks x 2 micro-batches of 1 == 1 process x 2 micro-batches of 2 (same global batch of 4)."""
+    """torchrun DDP 2 ranks x 2 micro-batches of 1 == 1 process x 2 micro-batches of 2 == 1 process x 4
+    micro-batches of 1 (the same global batch of 4)."""
     multi = tmp_path / "multi"
     torchrun(base_args(workspace, multi, *RANKS_COMMON, "--set", "data.micro_batch_size=1"))
     assert_weights_close(final_weights(one_process_run), final_weights(multi), atol=1e-5)
-    steps = [json.loads(line)["step"] for line in (multi / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    four = tmp_path / "four"
+    assert run_main(base_args(workspace, four, *RANKS_COMMON, "--set", "data.micro_batch_size=1",
+                              "--set", "data.grad_accum_steps=4")) == 0
+    assert_weights_close(final_weights(four), final_weights(multi), atol=1e-5)
+    records = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"loss", "ce", "loss_tokens", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= r.keys()
+        assert r["loss"] == r["ce"] > 0 and r["tokens_per_s"] > 0
 
 
 def test_fsdp_two_ranks_with_resume_equal_one_rank(workspace, tmp_path, one_process_run):
@@ -99,9 +107,13 @@ def test_fsdp_two_ranks_with_resume_equal_one_rank(workspace, tmp_path, one_proc
 
 
 def stage_args(ws: Path, stage: str) -> list[str]:
-    extra = ["--stage", stage, "--set", "data.micro_batch_size=2", "--set", "data.grad_accum_steps=2"]
-    if stage == "kd":
+    """sft, kd, or "kd_on_policy": kd whose steps 1 and 3 (of 4) train on student samples (seed 0, lambda 0.7)."""
+    extra = ["--stage", stage.removesuffix("_on_policy"), "--set", "data.micro_batch_size=2",
+             "--set", "data.grad_accum_steps=2"]
+    if stage.startswith("kd"):
         extra += ["--teacher", str(ws / "teacher"), "--set", "kd.loss=\"jsd\"", "--set", "kd.temperature=2.0"]
+    if stage == "kd_on_policy":
+        extra += ["--set", "kd.on_policy_lambda=0.7", "--set", "kd.on_policy_max_new_tokens=24"]
     return extra
 
 
@@ -117,7 +129,7 @@ def uninterrupted(workspace, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("stage", ["sft", "kd"])
+@pytest.mark.parametrize("stage", ["sft", "kd", "kd_on_policy"])
 def test_resume_is_bit_exact(workspace, tmp_path, uninterrupted, stage):
     """Stopped after step 2 and resumed == uninterrupted, parameter for parameter (torch.equal)."""
     extra = stage_args(workspace, stage)
@@ -130,8 +142,11 @@ def test_resume_is_bit_exact(workspace, tmp_path, uninterrupted, stage):
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    if stage == "kd":
+    if stage.startswith("kd"):
         assert all(r["kd"] > 0 and r["ce"] > 0 for r in records)
+        assert [r["on_policy"] for r in records] == ([1, 0, 1, 0] if stage == "kd_on_policy" else [0] * 4)
+        on_policy = [r for r in records if r["on_policy"]]
+        assert all(r["loss"] == pytest.approx(r["kd"]) for r in on_policy)  # GKD: the divergence alone
 
 
 DYING_SAVE = """
@@ -249,3 +264,13 @@ def test_gen_stage_writes_traces_that_sft_trains_on(workspace, tmp_path):
     assert run_main(base_args(workspace, sft, "--data", str(out / "traces.jsonl"), "--max-steps", "1",
                               "--set", "data.format=prompt_completion", "--set", "data.micro_batch_size=1")) == 0
     assert (sft / "DONE").exists()
+
+
+def test_teacher_is_frozen_in_the_configured_dtype(workspace):
+    from model.tokenizer import load_tokenizer
+    from trainer.config import load_config
+    cfg = load_config(None, {"stage": "kd", "model": "tiny-student", "out": "-", "data.path": "-",
+                             "kd.teacher": str(workspace / "teacher")}, [("kd.teacher_dtype", "bfloat16")])
+    teacher = train.load_teacher(cfg, load_tokenizer(workspace / "tok"), torch.device("cpu"))
+    assert not teacher.training
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())

@@ -2,9 +2,11 @@
 padding, the global-token normalisation, KD objectives (naive full-logit KL), checkpoints, plots."""
 from __future__ import annotations
 
+import copy
 import math
 import random
 import re
+import sys
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -16,13 +18,15 @@ import torch.nn.functional as F
 
 import train
 from model.config import PRESETS
+from model.generate import SamplingParams, generate
 from model.transformer import Transformer
 from trainer.batches import collate, rank_micro_batches, shifted_targets
 from trainer.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, apply_dict, load_config, to_toml
 from trainer.distributed import Dist
 from trainer.metrics import Metrics, plot_metrics, read_metrics
-from trainer.stages import count_tokens, kd_objective, make_objective, sft_objective
+from trainer.on_policy import on_policy_step, student_examples
+from trainer.stages import count_tokens, make_objective, sft_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"model": "tiny-student", "out": "runs/x", "data.path": "train.jsonl"}
@@ -66,6 +70,11 @@ def test_config_precedence_types_and_errors(tmp_path):
             load_config(None, REQUIRED, list(override.items()))
     with pytest.raises(ValueError, match="'kd.teacher' is required"):
         load_config(None, {**REQUIRED, "stage": "kd"}, [])
+    kd = {**REQUIRED, "stage": "kd", "kd.teacher": "t"}
+    with pytest.raises(ValueError, match=re.escape("'kd.on_policy_lambda' must be in [0, 1], got 1.5")):
+        load_config(None, kd, [("kd.on_policy_lambda", "1.5")])
+    with pytest.raises(ValueError, match="'kd.on_policy_lambda' > 0 needs config key 'parallel' = 'ddp'"):
+        load_config(None, kd, [("kd.on_policy_lambda", "0.5"), ("parallel", "fsdp")])
     recipe.write_text("[data]\nbatch = 3\n")
     with pytest.raises(ValueError, match=r"r\.toml: unknown config key 'data\.batch'"):
         load_config(str(recipe), REQUIRED, [])
@@ -180,9 +189,9 @@ def test_kd_objective_aligns_padded_heads_and_matches_naive(loss, beta):
     with torch.no_grad():
         teacher.embed_tokens.weight[37:] = 10.0  # padded rows that would dominate if not sliced away
     batch = random_batch([8, 5, 11])
-    cfg = replace(TrainConfig(), chunk_size=5)
+    cfg = replace(TrainConfig(), stage="kd", chunk_size=5)
     cfg.kd = replace(cfg.kd, loss=loss, beta=0.3, temperature=1.7, alpha=0.4)
-    total, parts = kd_objective(student, batch, cfg, teacher, vocab_size=37)
+    total, parts = make_objective(cfg, teacher, vocab_size=37)(student, batch)
     targets = shifted_targets(batch["labels"])
     mask = targets != -100
     s_logits = student(batch["input_ids"], batch["attention_mask"])
@@ -197,12 +206,91 @@ def test_kd_with_teacher_equal_to_student_is_zero_with_zero_gradient():
     student, teacher = tiny(), tiny()
     teacher.requires_grad_(False)
     batch = random_batch([7, 9])
-    cfg = TrainConfig()
+    cfg = TrainConfig(stage="kd")
     cfg.kd = replace(cfg.kd, alpha=0.0, loss="forward_kl")
-    loss, parts = kd_objective(student, batch, cfg, teacher, vocab_size=37)
+    loss, parts = make_objective(cfg, teacher, vocab_size=37)(student, batch)
     assert abs(parts["kd"].item()) < 1e-5 and parts["ce"].item() > 1  # the CE part is live, only weighted 0
     loss.backward()
     assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6
+
+
+def test_bf16_teacher_gives_the_fp32_teacher_loss_and_gradient():
+    """kd.teacher_dtype = bfloat16: the teacher's forward in bf16, the loss in fp32, ~ the fp32 teacher's."""
+    student, teacher = tiny(), tiny(seed=1)
+    batch = random_batch([8, 5, 11])
+    cfg = TrainConfig(stage="kd")
+    cfg.kd = replace(cfg.kd, alpha=0.0, loss="jsd")
+    results = []
+    for t in (teacher, copy.deepcopy(teacher).to(torch.bfloat16)):
+        student.zero_grad()
+        loss = make_objective(cfg, t.requires_grad_(False), vocab_size=37)(student, batch)[0]
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in student.parameters()])))
+    (fp32, g32), (bf16, g16) = results
+    assert bf16 == pytest.approx(fp32, rel=1e-2)
+    assert F.cosine_similarity(g32, g16, dim=0) > 0.999
+
+
+# ---------------------------------------------------------------- on-policy KD (GKD)
+
+def test_on_policy_steps_are_a_seeded_lambda_fraction():
+    cfg = TrainConfig(stage="kd", seed=3)
+    draws = lambda lam, c=cfg: [on_policy_step(s, replace(c, kd=replace(c.kd, on_policy_lambda=lam)))  # noqa: E731
+                                for s in range(2000)]
+    assert not any(draws(0.0)) and all(draws(1.0))
+    fraction = sum(draws(0.3)) / 2000
+    assert abs(fraction - 0.3) < 0.04  # binomial std 0.01
+    assert draws(0.3) == draws(0.3)  # a function of (seed, step): the same on every rank and on resume
+    assert draws(0.3) != draws(0.3, replace(cfg, seed=4))
+    assert not any(draws(1.0, replace(cfg, stage="sft")))
+
+
+class CharTokenizer:
+    """Enough of model.tokenizer.Tokenizer for generate: stop ids and a decode."""
+    stop_ids = [0]
+    pad_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+def test_student_examples_replace_completions_by_the_students_samples():
+    """Prompt = tokens before the first label; then the sample generate() draws with seed
+    seed + step * world_size + rank for that prompt, learned, stop token included; cut at max_len."""
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(1, 37, (n,), generator=g).tolist(), [-100] * p + [5] * (n - p))
+                for n, p in ((9, 4), (6, 2), (12, 7))]
+    micro = [examples[:2], examples[2:]]
+    cfg = TrainConfig(stage="kd", seed=2)
+    cfg.kd = replace(cfg.kd, on_policy_lambda=1.0, on_policy_max_new_tokens=10, on_policy_temperature=0.8)
+    cfg.data = replace(cfg.data, max_len=16)
+    d = Dist(rank=1, world_size=2, device=torch.device("cpu"))
+    out = student_examples(model, micro, step=3, cfg=cfg, tokenizer=CharTokenizer(), d=d)
+    prompts = [ids[:p] for (ids, _), p in zip(examples, (4, 2, 7))]
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, seed=2 + 3 * 2 + 1)
+    samples = [c.tokens for c in generate(model, prompts, params, stop_ids=[0])]
+    assert [len(m) for m in out] == [2, 1]
+    lengths = []
+    for (ids, labels), prompt, sample in zip(out[0] + out[1], prompts, samples):
+        n = min(len(prompt) + len(sample), 16)
+        assert ids == (prompt + sample)[:n] and labels == ([-100] * len(prompt) + sample)[:n]
+        lengths.append(len(sample))
+    assert len(set(lengths)) > 1 and max(lengths) + 7 > 16  # ragged samples, and the max_len cut is exercised
+
+
+def test_on_policy_objective_is_the_divergence_alone():
+    """GKD: on student samples the loss is D(teacher || student) only; with teacher == student it is 0."""
+    student, teacher = tiny(), tiny(seed=1)
+    batch = random_batch([8, 5])
+    cfg = TrainConfig(stage="kd")
+    cfg.kd = replace(cfg.kd, alpha=0.5)
+    loss, parts = make_objective(cfg, teacher, vocab_size=37, on_policy=True)(student, batch)
+    assert loss.item() == pytest.approx(parts["kd"].item()) and parts["ce"].item() > 1
+    supervised = make_objective(cfg, teacher, vocab_size=37)(student, batch)[0]
+    assert supervised.item() == pytest.approx(0.5 * (parts["ce"] + parts["kd"]).item())
+    same = make_objective(cfg, tiny(), vocab_size=37, on_policy=True)(student, batch)[0]
+    assert abs(same.item()) < 1e-5
 
 
 # ---------------------------------------------------------------- checkpoints and records
@@ -244,6 +332,15 @@ def test_metrics_truncate_on_resume_and_plot(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     note = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots.png")
     assert note.startswith("plots written") and (tmp_path / "plots.png").stat().st_size > 1000
+
+
+def test_plots_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatch):
+    metrics = Metrics(tmp_path, 0, 1, enabled=True)
+    metrics.log({"step": 1, "loss": 1.0})
+    metrics.close()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots.png") == "plots skipped: matplotlib is not installed"
+    assert not (tmp_path / "plots.png").exists()
 
 
 # ---------------------------------------------------------------- sequence-level KD traces

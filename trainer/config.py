@@ -51,6 +51,10 @@ class KDConfig:
     scale_t2: bool = False  # multiply the KD term by T^2 (keeps gradient scale across temperatures)
     alpha: float = 0.5  # loss = alpha * CE(labels) + (1 - alpha) * KD
     teacher_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher may run in lower precision
+    # On-policy KD (GKD, trainer/on_policy.py): the fraction lambda of steps that train on student samples
+    on_policy_lambda: float = 0.0  # 0 = supervised KD only; 1 = every step on-policy
+    on_policy_temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
+    on_policy_max_new_tokens: int = 256  # sampled completion length limit
 
 
 @dataclass
@@ -97,11 +101,12 @@ CHOICES = {"stage": ("sft", "kd", "gen", "rl"), "parallel": ("ddp", "fsdp"),
            "data.format": ("gsm8k", "chat", "prompt_completion"), "data.style": ("chat", "fewshot"),
            "kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.teacher_dtype": ("float32", "bfloat16", "float16")}
 POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
-            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "gen.n",
+            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "kd.on_policy_max_new_tokens", "gen.n",
             "gen.max_new_tokens", "gen.batch_size", "gen.top_p")
 NON_NEGATIVE = ("stop_at", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps",
-                "gen.temperature")
-UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha", "gen.top_p")
+                "gen.temperature", "kd.on_policy_temperature")
+UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha", "kd.on_policy_lambda",
+                 "gen.top_p")
 
 
 def set_value(config: TrainConfig, key: str, value, source: str, text: str | None = None):
@@ -177,6 +182,9 @@ def validate(config: TrainConfig):
     if config.stage in ("gen", "rl") and config.data.format != "gsm8k":
         raise ValueError(f"stage {config.stage!r} reads questions with references: config key 'data.format' must be "
                          f"'gsm8k', got {config.data.format!r}")
+    if config.stage == "kd" and config.kd.on_policy_lambda and config.parallel != "ddp":
+        raise ValueError("config key 'kd.on_policy_lambda' > 0 needs config key 'parallel' = 'ddp': ranks sample "
+                         "completions of different lengths, and FSDP would need every rank in every forward")
     if config.stage == "rl" and config.parallel != "ddp":
         raise ValueError("stage 'rl' needs config key 'parallel' = 'ddp': ranks decode rollouts of different "
                          "lengths, and FSDP would need every rank in every forward")

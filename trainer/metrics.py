@@ -2,7 +2,8 @@
 
 A record: step, loss (and its parts ce / kd), each a sum over the step's valid target tokens divided
 by their global count `loss_tokens`; lr; grad_norm (before clipping); tokens_per_s (non-padding
-input tokens of all ranks per second of the step); epoch; elapsed_s; eval_loss when evaluated.
+input tokens of all ranks per second of the step); epoch; elapsed_s; eval_loss when evaluated; stage kd:
+on_policy (1 when the step trained on student samples, trainer/on_policy.py).
 Stage rl (trainer/rl_stage.py): reward, reward/<fn> and reward_std/<fn> per reward function,
 accuracy (the correctness reward's mean), completion_len (mean) and completion_len_max,
 truncated_frac, zero_std_frac, clip_frac, kl, entropy, loss, grad_norm, rollout_s and update_s,

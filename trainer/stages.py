@@ -38,8 +38,9 @@ def sft_objective(model, batch, cfg: TrainConfig):
     return ce, {"ce": ce.detach()}
 
 
-def kd_objective(model, batch, cfg: TrainConfig, teacher, vocab_size: int):
-    """alpha * CE(labels) + (1 - alpha) * D(teacher || student), both summed over completion tokens.
+def kd_objective(model, batch, cfg: TrainConfig, teacher, vocab_size: int, alpha: float):
+    """alpha * CE(labels) + (1 - alpha) * D(teacher || student), both summed over completion tokens
+    (alpha = kd.alpha; 0 on GKD's on-policy steps, where the labels are the student's own samples).
 
     D is forward KL(p_T || q_S) (Hinton et al. 2015; mode-covering), reverse KL(q_S || p_T)
     (MiniLLM, Gu et al. 2024; mode-seeking) or the generalized JSD_beta of GKD (Agarwal et al.
@@ -59,12 +60,14 @@ def kd_objective(model, batch, cfg: TrainConfig, teacher, vocab_size: int):
     kd = generalized_jsd(student_v, teacher_v, beta, cfg.kd.temperature, mask, cfg.kd.scale_t2,
                          reduction="sum", chunk_size=cfg.chunk_size)
     ce = cross_entropy(student, targets, reduction="sum", chunk_size=cfg.chunk_size)
-    loss = cfg.kd.alpha * ce + (1 - cfg.kd.alpha) * kd
+    loss = alpha * ce + (1 - alpha) * kd
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
 
-def make_objective(cfg: TrainConfig, teacher=None, vocab_size: int | None = None):
-    """The (model, batch) -> (loss_sum, parts) function of cfg.stage."""
+def make_objective(cfg: TrainConfig, teacher=None, vocab_size: int | None = None, on_policy: bool = False):
+    """The (model, batch) -> (loss_sum, parts) function of cfg.stage; `on_policy`: for KD batches of
+    student samples (trainer/on_policy.py), the divergence alone."""
     if cfg.stage == "kd":
-        return partial(kd_objective, cfg=cfg, teacher=teacher, vocab_size=vocab_size)
+        alpha = 0.0 if on_policy else cfg.kd.alpha
+        return partial(kd_objective, cfg=cfg, teacher=teacher, vocab_size=vocab_size, alpha=alpha)
     return partial(sft_objective, cfg=cfg)
