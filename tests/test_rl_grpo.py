@@ -3,11 +3,14 @@ split (real gloo DDP), mu > 1 starts from the same step, and a tiny model learns
 import copy
 import os
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 from model.config import ModelConfig
@@ -38,9 +41,16 @@ def _batch(model, n_prompts=4, seed=0, max_new_tokens=6):
     return rollout(model, _prompts(n_prompts, seed), [None] * n_prompts, cfg.sampling_params(), STOP_IDS)
 
 
-def _rewards(batch):
+def _even_fraction(completions, references):
     """An arbitrary verifiable score: fraction of even tokens in the completion."""
-    return torch.tensor([sum(t % 2 == 0 for t in c.tokens) / len(c.tokens) for c in batch.completions])
+    return [sum(t % 2 == 0 for t in c.tokens) / len(c.tokens) for c in completions]
+
+
+EVEN = RewardFn("even", _even_fraction)  # module level: the 2-rank workers unpickle it by name
+
+
+def _rewards(batch):
+    return torch.tensor(_even_fraction(batch.completions, batch.references))
 
 
 def _sgd_delta(model, batch, advantages, cfg, drop=None):
@@ -170,22 +180,32 @@ def test_reference_model_needed_exactly_when_beta_positive():
 def _ddp_worker(rank, init_file, model, batch, advantages, configs, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     rows = slice(0, len(batch) // 2) if rank == 0 else slice(len(batch) // 2, len(batch))  # whole groups
+    shard = batch.select(rows)
     for name, cfg in configs.items():
         trained = copy.deepcopy(model)  # the argument arrives in shared memory: each rank needs its own weights
         ddp = torch.nn.parallel.DistributedDataParallel(trained)
-        grpo_update(ddp, None, torch.optim.SGD(ddp.parameters(), lr=1.0), batch.select(rows), advantages[rows], cfg)
-        torch.save([p.detach() for p in trained.parameters()], os.path.join(out_dir, f"{name}{rank}.pt"))
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=1.0)
+        if name == "step":  # this rank's rewards -> advantages (batch std over both ranks) -> update
+            shard_advantages = sequence_weights(shard, _rewards(shard), cfg)[0]
+            grpo_step(ddp, None, optimizer, shard, [EVEN], cfg)
+        else:
+            shard_advantages = advantages[rows]
+            grpo_update(ddp, None, optimizer, shard, shard_advantages, cfg)
+        torch.save(([p.detach() for p in trained.parameters()], shard_advantages), os.path.join(out_dir, f"{name}{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_rank():
-    """Real 2-process DDP (gloo): global normaliser and world-size scaling give the 1-process update,
-    for the per-sequence ("grpo") and the token-level ("dapo") normalisers."""
+    """Real 2-process DDP (gloo), each rank holding whole groups: global normaliser and world-size scaling
+    give the 1-process update, for the per-sequence ("grpo") and the token-level ("dapo") normalisers;
+    and grpo_step from rewards ("step": batch-std advantages, Dr. GRPO sum) gives the 1-process
+    advantages and update."""
     model = _model(5)
     batch = _batch(model, seed=5)
     advantages = torch.randn(len(batch))
-    configs = {agg: GRPOConfig(group_size=G, aggregation=agg, micro_batch_size=3, max_grad_norm=0)
-               for agg in ("grpo", "dapo")}
+    common = dict(group_size=G, micro_batch_size=3, max_grad_norm=0)
+    configs = {"grpo": GRPOConfig(aggregation="grpo", **common), "dapo": GRPOConfig(aggregation="dapo", **common),
+               "step": GRPOConfig(aggregation="dr_grpo", scale_rewards="batch", **common)}
     half = len(batch) // 2
     assert batch.completion_mask[:half].sum() != batch.completion_mask[half:].sum()  # ranks hold unequal tokens
     mp.set_forkserver_preload(["torch", "rl.grpo"])  # imported once by the server, not per rank
@@ -195,16 +215,22 @@ def test_two_ranks_equal_one_rank():
         ranks = {name: [torch.load(os.path.join(tmp, f"{name}{r}.pt")) for r in range(2)] for name in configs}
     for name, cfg in configs.items():
         single = copy.deepcopy(model)
-        grpo_update(single, None, torch.optim.SGD(single.parameters(), lr=1.0), batch, advantages, cfg)
-        for p, p0, p1 in zip(single.parameters(), *ranks[name]):
+        optimizer = torch.optim.SGD(single.parameters(), lr=1.0)
+        if name == "step":
+            single_advantages = sequence_weights(batch, _rewards(batch), cfg)[0]
+            grpo_step(single, None, optimizer, batch, [EVEN], cfg)
+        else:
+            single_advantages = advantages
+            grpo_update(single, None, optimizer, batch, advantages, cfg)
+        (params0, adv0), (params1, adv1) = ranks[name]
+        torch.testing.assert_close(torch.cat([adv0, adv1]), single_advantages, rtol=1e-6, atol=1e-6)
+        for p, p0, p1 in zip(single.parameters(), params0, params1):
             torch.testing.assert_close(p0, p1)
             torch.testing.assert_close(p0, p.detach(), rtol=1e-4, atol=1e-6)
 
 
-def test_tiny_model_learns_toy_task():
-    """Verifiable toy task: answer every prompt with token 7. Chance is ~1/16; GRPO must take the mean
-    reward from < 0.3 to > 0.9 within 25 steps (seeded, deterministic), with mu = 2, a k3 KL penalty,
-    clip-higher, per-sequence aggregation and zero-std filtering all switched on."""
+def _learn_toy_task() -> list[float]:
+    """Mean reward per step of GRPO on the toy task below, stopping once it exceeds 0.9 (at most 25 steps)."""
     model = _model(0)
     ref = copy.deepcopy(model).eval()
     cfg = GRPOConfig(group_size=8, max_new_tokens=2, eps_high=0.28, beta=0.01, aggregation="grpo", mu=2,
@@ -217,8 +243,17 @@ def test_tiny_model_learns_toy_task():
         history.append(grpo_step(model, ref, opt, batch, [reward], cfg)["reward"])
         if history[-1] > 0.9:
             break
+    return history
+
+
+def test_tiny_model_learns_toy_task():
+    """Verifiable toy task: answer every prompt with token 7. Chance is ~1/16; GRPO must take the mean
+    reward from < 0.3 to > 0.9 within 25 steps, with mu = 2, a k3 KL penalty, clip-higher, per-sequence
+    aggregation and zero-std filtering all switched on; a second run gives the same rewards exactly."""
+    history = _learn_toy_task()
     assert history[0] < 0.3
     assert history[-1] > 0.9, history
+    assert _learn_toy_task() == history  # deterministic: seeded sampling, no global RNG
 
 
 def test_config_builds_weighted_reward_fns():
@@ -237,6 +272,39 @@ def test_config_builds_weighted_reward_fns():
     assert [f.name for f in GRPOConfig().reward_fns()] == ["correct"]
     with pytest.raises(ValueError, match="format_pattern"):
         GRPOConfig(format_weight=0.1)
+
+
+class WidestVocabTensor(TorchDispatchMode):
+    """Records the most rows of any tensor an op returns (forward or backward) with the vocabulary as its
+    last dimension: a [rows, V] block of logits, probabilities or their gradients."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.rows = vocab_size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab_size:
+                self.rows = max(self.rows, t.numel() // self.vocab_size)
+        return out
+
+
+def test_update_never_materialises_the_full_logits():
+    """Log-probs, reference log-probs (beta > 0), entropy and their backward go through the chunked head:
+    no tensor ever holds more than chunk_size rows of vocabulary-wide values (here V = 97, a size no
+    other dimension has; the hidden size 32 < chunk_size, so a transposed lm_head view stays under it)."""
+    model = Transformer(replace(TOY, vocab_size=97))
+    batch = rollout(model, _prompts(8, seed=8), [None] * 8, GRPOConfig(group_size=G, max_new_tokens=6).sampling_params(),
+                    STOP_IDS)
+    chunk = 40
+    assert batch.completion_mask.numel() > 3 * chunk  # full logits would be [B * C, V]
+    cfg = GRPOConfig(group_size=G, max_new_tokens=6, chunk_size=chunk, micro_batch_size=len(batch), beta=0.1)
+    widest = WidestVocabTensor(97)
+    with widest:
+        grpo_update(model, copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.1), batch,
+                    torch.randn(len(batch)), cfg)
+    assert 0 < widest.rows <= chunk
 
 
 def test_bf16_autocast_update_matches_fp32():

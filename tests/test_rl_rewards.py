@@ -23,6 +23,23 @@ def test_correctness_on_real_gsm8k_rows():
     assert score(wrong, refs) == [0.0] * 20
 
 
+def test_correctness_on_real_math_and_humaneval_rows_and_the_synthetic_code_task():
+    """The math grader (math-verify) on MATH-500 solutions, the code grader (sandbox) on HumanEval's and the
+    synthetic code task's canonical solutions, each against a wrong completion."""
+    from data.readers import load_humaneval, load_math
+    from data.synthetic import make_code_tasks
+    math_rows = load_math(shared_data("math500/test.jsonl"))[:10]
+    math_score = correctness("math")
+    refs = [row["reference"] for row in math_rows]
+    assert math_score([_completion(row["solution"]) for row in math_rows], refs) == [1.0] * 10
+    assert math_score([_completion("so \\boxed{\\text{none}}") for _ in math_rows], refs) == [0.0] * 10
+    code_rows = load_humaneval(shared_data("humaneval/HumanEval.jsonl.gz"))[:3] + make_code_tasks(seed=0, n=2)
+    code_score = correctness("code", workers=2)
+    # a code reference is the HumanEval-format row itself (prompt, test, entry_point)
+    assert code_score([_completion(row["canonical_solution"]) for row in code_rows], code_rows) == [1.0] * 5
+    assert code_score([_completion("    pass\n") for _ in code_rows], code_rows) == [0.0] * 5
+
+
 def test_format_match():
     fn = format_match(r"#### -?\d+")
     assert fn([_completion("so #### 12"), _completion("answer 12"), _completion("#### x")], [None] * 3) == [1.0, 0.0, 0.0]
