@@ -20,8 +20,9 @@ by the teacher with the KD term alone (GKD; trainer/on_policy.py).
 Stage "gen" is sequence-level KD's first half: --model (the teacher) samples solutions to the
 --data questions and writes <out>/traces.jsonl, which `--stage sft --set data.format=prompt_completion`
 then trains on (trainer/traces.py).
-Stage "rl" is GRPO (rl/grpo.py, knobs in the recipe's [grpo] table): each step samples group_size
-completions for prompts_per_step prompts, rewards them with the grader, and takes grpo.mu optimizer
+Stage "rl" is GRPO (rl/grpo.py, knobs in the recipe's [grpo] table) on the rows of eval.py's task
+data.task (gsm8k, synthetic, math, humaneval, synthetic-code): each step samples group_size
+completions for prompts_per_step prompts, rewards them with the task's grader, and takes grpo.mu optimizer
 steps on them (train_rl; trainer/rl_stage.py holds its data, rollout and record helpers).
 With `--set lora.rank=16` (any stage but gen; model/lora.py) only low-rank adapters train on the frozen
 base: checkpoints hold the adapters and a fingerprint of the base, GRPO's reference is the base itself
@@ -58,7 +59,7 @@ from trainer.config import OptimConfig, TrainConfig, load_config, to_toml
 from trainer.distributed import Dist, all_reduce_sum, barrier, cleanup, init_distributed, unwrap, wrap_model
 from trainer.metrics import Metrics, plot_metrics
 from trainer.on_policy import on_policy_step, student_examples
-from trainer.rl_stage import greedy_accuracy, load_prompts, reference_model, rl_record, step_rollouts
+from trainer.rl_stage import greedy_accuracy, load_prompts, load_rows, reference_model, rl_record, step_rollouts
 from trainer.stages import count_tokens, make_objective
 from trainer.traces import summary, teacher_traces
 
@@ -402,7 +403,7 @@ def train_rl(cfg: TrainConfig, resume: str | None, d: Dist):
     if cfg.grpo.prompts_per_step % d.world_size:  # each rank samples whole groups of its own prompts
         raise ValueError(f"config key 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple "
                          f"of the number of ranks ({d.world_size})")
-    eval_rows = load_gsm8k(cfg.data.eval_path) if cfg.data.eval_path else []
+    eval_rows = load_rows(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else []
     steps_per_epoch(len(prompts), cfg.grpo.prompts_per_step, cfg.data.path)
     resume_path = prepare_out(cfg, resume, d)
 

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from eval import TASKS
 from model.lora import LoRAConfig
 from rl.grpo import GRPOConfig
 
@@ -23,7 +24,9 @@ class DataConfig:
     path: str = ""  # training JSONL file
     format: str = "gsm8k"  # gsm8k (question/answer) | chat (messages) | prompt_completion
     style: str = "chat"  # prompt rendering for gsm8k rows: chat (ChatML) | fewshot (plain Question/Answer)
-    task: str = "synthetic"  # chat instruction appended to gsm8k questions (data/templates.py INSTRUCTIONS)
+    # chat instruction appended to gsm8k questions (data/templates.py INSTRUCTIONS); stage rl: eval.py's task,
+    # whose rows, prompts and grader it uses (format is then unused)
+    task: str = "synthetic"
     eval_path: str = ""  # optional held-out JSONL (same format): mean loss every `eval_every` steps
     max_len: int = 512  # tokens per example; longer ones are truncated by data/templates.py's policy
     micro_batch_size: int = 8  # examples per forward/backward on one rank
@@ -179,9 +182,15 @@ def validate(config: TrainConfig):
         raise ValueError(f"config key 'lora.rank' > 0 needs a training stage (sft, kd, rl) and parallel = 'ddp' "
                          f"(LoRA replicates the frozen base; FSDP is for models that do not fit), got stage "
                          f"{config.stage!r}, parallel {config.parallel!r}")
-    if config.stage in ("gen", "rl") and config.data.format != "gsm8k":
-        raise ValueError(f"stage {config.stage!r} reads questions with references: config key 'data.format' must be "
+    if config.stage == "gen" and config.data.format != "gsm8k":
+        raise ValueError(f"stage 'gen' reads questions with references: config key 'data.format' must be "
                          f"'gsm8k', got {config.data.format!r}")
+    if config.stage == "rl" and config.data.task not in TASKS:
+        raise ValueError(f"stage 'rl' reads the rows, prompts and grader of eval.py's task: config key 'data.task' "
+                         f"must be one of {tuple(TASKS)}, got {config.data.task!r}")
+    if config.stage == "rl" and config.grpo.grader != TASKS[config.data.task].grader:
+        raise ValueError(f"config key 'grpo.grader' must be {TASKS[config.data.task].grader!r} for data.task "
+                         f"{config.data.task!r}, got {config.grpo.grader!r}")
     if config.stage == "kd" and config.kd.on_policy_lambda and config.parallel != "ddp":
         raise ValueError("config key 'kd.on_policy_lambda' > 0 needs config key 'parallel' = 'ddp': ranks sample "
                          "completions of different lengths, and FSDP would need every rank in every forward")

@@ -1,7 +1,9 @@
 """Stage rl's pieces around rl/ (GRPO): prompts, the step's rollouts, the reference model, records.
 
-Data: GSM8K-format rows (the embedded synthetic task too); a prompt is the rendered question
-(data/templates.py), its reference the row's final answer. Step s reads the prompts_per_step
+Data: the rows of eval.py's task `data.task` (gsm8k, synthetic, math, humaneval, synthetic-code), read,
+rendered and graded exactly as eval.py does: a prompt is eval's prompt for the row, its reference the
+row's reference (final answer, or the HumanEval row for the code grader), the stop strings eval's for
+the task and style. Step s reads the prompts_per_step
 prompts that trainer/batches.py's sharding gives to global batch s (a seeded permutation per
 epoch), so the prompts of a step are a function of (seed, step) and resuming needs no iterator.
 
@@ -14,11 +16,10 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from data.readers import load_gsm8k
-from data.templates import STOP_STRINGS, render_prompt
-from eval import evaluate
+from eval import TASKS, evaluate, render_prompts, stop_strings
 from model.generate import SamplingParams
 from model.lora import WithoutAdapters, lora_layers
 from model.tokenizer import Tokenizer
@@ -32,13 +33,21 @@ PER_COMPLETION = ("reward", "zero_std_frac", "completion_len", "truncated_frac")
 PER_TOKEN = ("clip_frac", "kl", "entropy")
 
 
-def load_prompts(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> list[Prompt]:
-    """Rendered, tokenized questions with their references (errors name the file and line)."""
-    rows = load_gsm8k(path)
+def load_rows(path: str, cfg: DataConfig) -> list[dict]:
+    """The rows of task cfg.task in `path` (errors name the file and line)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    rows = TASKS[cfg.task].load(path)
     if not rows:
         raise ValueError(f"{path}: no examples")
-    return [(tokenizer.encode(render_prompt(tokenizer, row["question"], cfg.style, task=cfg.task)), row["reference"])
-            for row in rows]
+    return rows
+
+
+def load_prompts(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> list[Prompt]:
+    """eval.py's rendered prompts for the rows of `path`, tokenized, with their references."""
+    rows = load_rows(path, cfg)
+    prompts = render_prompts(tokenizer, rows, cfg.task, cfg.style)
+    return [(tokenizer.encode(prompt), row["reference"]) for prompt, row in zip(prompts, rows)]
 
 
 def reference_model(model):
@@ -54,7 +63,7 @@ def step_rollouts(model, prompts: list[Prompt], step: int, cfg: TrainConfig, tok
     """This rank's group_size samples of each of its prompts of global step `step`."""
     chosen = rank_micro_batches(prompts, step, cfg.seed, cfg.grpo.prompts_per_step, 1, 0, 1)[0]
     ids, references = [p for p, _ in chosen], [r for _, r in chosen]
-    params = cfg.grpo.sampling_params(STOP_STRINGS[cfg.data.style])
+    params = cfg.grpo.sampling_params(stop_strings(cfg.data.task, cfg.data.style))
     params = replace(params, seed=params.seed + step * d.world_size)  # rollout_batches adds the rank
     return next(rollout_batches(model, ids, references, params, tokenizer.stop_ids, cfg.grpo.prompts_per_step,
                                 tokenizer, d.rank, d.world_size))
