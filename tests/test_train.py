@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import synthetic_workspace
-from model.checkpoint import save_pretrained
+from model.checkpoint import load_pretrained, save_pretrained
 from model.config import PRESETS
 from model.tokenizer import train_tokenizer
 from model.transformer import Transformer
@@ -195,12 +195,22 @@ def test_sft_overfits_one_batch(workspace, tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses[0] > 4 and losses[-1] < 0.05, losses[::10]
     assert (out / "plots.png").exists() and (out / "final" / "tokenizer.model").exists()
+    # The export loads in transformers (no missing or unexpected weights) and in load_pretrained, same logits.
+    import transformers
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not any(info.values()), info
+    ours = load_pretrained(out / "final")
+    ids = torch.tensor([[5, 17, 3, 250, 9, 41]])  # (1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-4)
 
 
 def bad_inputs(ws: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (extra args, text the error line must contain)."""
     malformed = tmp / "malformed.jsonl"
     malformed.write_text((ws / "train.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    missing_field = tmp / "missing_field.jsonl"
+    missing_field.write_text((ws / "train.jsonl").read_text().splitlines()[0] + '\n{"question": "2 + 2?"}\n')
     recipe = tmp / "recipe.toml"
     recipe.write_text("max_steps = 4\n[optim]\nlearning_rate = 1e-3\n")
     small_teacher = tmp / "small_teacher"
@@ -211,6 +221,8 @@ def bad_inputs(ws: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing data file": (["--data", str(tmp / "nope.jsonl")], "nope.jsonl not found"),
         "malformed JSONL line": (["--data", str(malformed)], "malformed.jsonl:2: invalid JSON"),
+        "missing field": (["--data", str(missing_field)], "missing_field.jsonl:2: field 'answer' missing"),
+        "wrong eval file": (["--set", f"data.eval_path={tmp / 'no_eval.jsonl'}"], "no_eval.jsonl not found"),
         "unknown config key": (["--recipe", str(recipe)], "recipe.toml: unknown config key 'optim.learning_rate'"),
         "unknown override": (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
         "out of range": (["--set", "optim.lr=-1.0"], "'optim.lr' must be > 0"),

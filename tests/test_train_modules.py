@@ -27,6 +27,7 @@ from trainer.distributed import Dist
 from trainer.metrics import Metrics, plot_metrics, read_metrics
 from trainer.on_policy import on_policy_step, student_examples
 from trainer.stages import count_tokens, make_objective, sft_objective
+from test_rl_grpo import WidestVocabTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"model": "tiny-student", "out": "runs/x", "data.path": "train.jsonl"}
@@ -167,6 +168,33 @@ def test_global_token_normalisation_equals_one_big_batch():
     a, b = grads(merged_model), grads(split_model)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def global_grad_norm(model) -> float:
+    return math.sqrt(sum((p.grad.double() ** 2).sum().item() for p in model.parameters()))
+
+
+def test_clip_grad_norm_reports_the_norm_before_clipping():
+    model = tiny()
+    sft_objective(model, random_batch([6, 4]), TrainConfig())[0].backward()
+    before = global_grad_norm(model)
+    assert train.clip_grad_norm(model, max_norm=0.0).item() == pytest.approx(before, rel=1e-5)  # 0: no clipping
+    assert global_grad_norm(model) == pytest.approx(before, rel=1e-6)
+    assert train.clip_grad_norm(model, max_norm=before / 4).item() == pytest.approx(before, rel=1e-5)
+    assert global_grad_norm(model) == pytest.approx(before / 4, rel=1e-4)
+
+
+def test_training_objectives_never_materialise_the_full_logits():
+    """SFT and KD (student and teacher heads, forward and backward) hold at most chunk_size rows of
+    vocabulary-wide values (V = 37; hidden size 32 < chunk_size, so a transposed head view stays under it)."""
+    batch = random_batch([30, 18, 25, 22, 27])
+    assert count_tokens(batch) > 2 * 40
+    for stage in ("sft", "kd"):
+        cfg = replace(TrainConfig(), stage=stage, chunk_size=40)
+        widest = WidestVocabTensor(37)
+        with widest:
+            make_objective(cfg, tiny(seed=1).requires_grad_(False), vocab_size=37)(tiny(), batch)[0].backward()
+        assert 0 < widest.rows <= 40, stage
 
 
 def naive_kd(student_logits, teacher_logits, vocab, temperature, beta):
