@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from model.config import PRESETS
 from model.transformer import Transformer
 from rl.rollout import RolloutBatch
 
+ROOT = Path(__file__).resolve().parents[1]
 RL_KEYS = ("reward", "reward/correct", "reward_std/correct", "reward/format", "reward_std/format", "accuracy",
            "completion_len", "completion_len_max", "truncated_frac", "clip_frac", "kl", "entropy", "rollout_s",
            "update_s", "tokens_per_s", "loss", "grad_norm", "lr")
@@ -88,6 +92,23 @@ def test_rl_resume_is_bit_exact(workspace, tmp_path):
     same = ("reward", "reward/format", "completion_len", "kl", "loss", "grad_norm")
     assert [[r[k] for k in same] for r in records(whole)] == [[r[k] for k in same] for r in records(parts)]
     assert any(r["kl"] > 0 for r in records(whole))  # the second update of a step moves away from pi_ref
+
+
+def test_rl_stage_under_torchrun(workspace, tmp_path):
+    """2 ranks (gloo), each sampling whole groups of its own prompts: the run completes, and the records
+    combine the ranks (every completion token is a loss token: sum over ranks == mean length x 2 x 4)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *rl_args(workspace, out, "--max-steps", "2")]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "DONE").exists()
+    rows = records(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["loss_tokens"] == pytest.approx(r["completion_len"] * 2 * 4)
+        assert r["completion_len"] <= r["completion_len_max"] <= 12
 
 
 @pytest.mark.parametrize("recipe_text, message", [
