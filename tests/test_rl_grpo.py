@@ -191,7 +191,8 @@ def _ddp_worker(rank, init_file, model, batch, advantages, configs, out_dir):
         else:
             shard_advantages = advantages[rows]
             grpo_update(ddp, None, optimizer, shard, shard_advantages, cfg)
-        torch.save(([p.detach() for p in trained.parameters()], shard_advantages), os.path.join(out_dir, f"{name}{rank}.pt"))
+        params = [p.detach() for p in trained.parameters()]
+        torch.save((params, shard_advantages), os.path.join(out_dir, f"{name}{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -295,8 +296,8 @@ def test_update_never_materialises_the_full_logits():
     no tensor ever holds more than chunk_size rows of vocabulary-wide values (here V = 97, a size no
     other dimension has; the hidden size 32 < chunk_size, so a transposed lm_head view stays under it)."""
     model = Transformer(replace(TOY, vocab_size=97))
-    batch = rollout(model, _prompts(8, seed=8), [None] * 8, GRPOConfig(group_size=G, max_new_tokens=6).sampling_params(),
-                    STOP_IDS)
+    params = GRPOConfig(group_size=G, max_new_tokens=6).sampling_params()
+    batch = rollout(model, _prompts(8, seed=8), [None] * 8, params, STOP_IDS)
     chunk = 40
     assert batch.completion_mask.numel() > 3 * chunk  # full logits would be [B * C, V]
     cfg = GRPOConfig(group_size=G, max_new_tokens=6, chunk_size=chunk, micro_batch_size=len(batch), beta=0.1)

@@ -367,7 +367,8 @@ def test_plots_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatch):
     metrics.log({"step": 1, "loss": 1.0})
     metrics.close()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots.png") == "plots skipped: matplotlib is not installed"
+    note = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "plots.png")
+    assert note == "plots skipped: matplotlib is not installed"
     assert not (tmp_path / "plots.png").exists()
 
 

@@ -116,7 +116,7 @@ def test_rl_stage_under_torchrun(workspace, tmp_path):
     ('stage = "rl"\n[grpo]\ngroup_size = 1\n', "[grpo]: GRPOConfig.group_size must be >= 2"),
     ('stage = "rl"\nparallel = "fsdp"\n', "stage 'rl' needs config key 'parallel' = 'ddp'"),
     ('stage = "rl"\n[data]\ntask = "chat"\n', "config key 'data.task' must be one of ('gsm8k', 'synthetic', 'math'"),
-    ('stage = "rl"\n[data]\ntask = "math"\n', "config key 'grpo.grader' must be 'math' for data.task 'math', got 'gsm8k'"),
+    ('stage = "rl"\n[data]\ntask = "math"\n', "'grpo.grader' must be 'math' for data.task 'math', got 'gsm8k'"),
 ])
 def test_bad_rl_config_is_one_line_error(workspace, tmp_path, capsys, recipe_text, message):
     recipe = tmp_path / "bad.toml"

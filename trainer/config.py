@@ -104,8 +104,8 @@ CHOICES = {"stage": ("sft", "kd", "gen", "rl"), "parallel": ("ddp", "fsdp"),
            "data.format": ("gsm8k", "chat", "prompt_completion"), "data.style": ("chat", "fewshot"),
            "kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.teacher_dtype": ("float32", "bfloat16", "float16")}
 POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
-            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "kd.on_policy_max_new_tokens", "gen.n",
-            "gen.max_new_tokens", "gen.batch_size", "gen.top_p")
+            "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "kd.on_policy_max_new_tokens",
+            "gen.n", "gen.max_new_tokens", "gen.batch_size", "gen.top_p")
 NON_NEGATIVE = ("stop_at", "eval_every", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.eps",
                 "gen.temperature", "kd.on_policy_temperature")
 UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", "kd.alpha", "kd.on_policy_lambda",
