@@ -5,10 +5,34 @@ Head the [N, V] logits exist only `chunk_size` tokens at a time (losses/chunked.
 math runs in kernels/ (Triton on CUDA, plain torch elsewhere). See losses/__init__.py for the
 normalisation rule (token sums divided by the global number of valid tokens).
 """
+from dataclasses import dataclass
+
 import torch
 
 import kernels
-from losses.chunked import DEFAULT_CHUNK_SIZE, Logits, reduce_tokens
+from losses.chunked import DEFAULT_CHUNK_SIZE, Logits, reduce_tokens, softmax_
+
+
+@dataclass(frozen=True)
+class LogProb:
+    """Per-token l_i = sign * log softmax(z_i / T)[y_i] (sign = -1: cross-entropy), and its gradient in
+    closed form for the chunked path: with p_i = softmax(z_i / T),
+        d l_i / d z_i = sign * (onehot(y_i) - p_i) / T."""
+
+    temperature: float = 1.0
+    sign: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.sign * kernels.token_logprobs(logits, targets, self.temperature)  # (n,)
+
+    def value_and_grad_(self, logits: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """l [n]; logits [n, V] are overwritten with d(sum_i weights_i l_i)/dz."""
+        scale = 1.0 / self.temperature
+        picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,) z_i[y_i]
+        lse = softmax_(logits, scale)  # (n,) logits now hold p
+        coef = (self.sign * scale) * weights  # (n,)
+        logits.mul_(-coef[:, None]).scatter_add_(1, targets[:, None], coef[:, None].to(logits.dtype))
+        return self.sign * (scale * picked - lse)  # (n,)
 
 
 def _check_targets(logits: Logits, targets: torch.Tensor):
@@ -26,7 +50,7 @@ def cross_entropy(logits: Logits, targets: torch.Tensor, ignore_index: int = -10
     "none" (per token, 0 at ignored tokens).
     """
     _check_targets(logits, targets)
-    return reduce_tokens(lambda z, y: kernels.cross_entropy(z, y, ignore_index), logits, (targets,),
+    return reduce_tokens(LogProb(sign=-1.0), logits, (targets,),  # ignored targets are masked out
                          mask=targets != ignore_index, reduction=reduction, chunk_size=chunk_size)
 
 
@@ -44,7 +68,7 @@ def token_logprobs(logits: Logits, targets: torch.Tensor, temperature: float = 1
     `reduce_tokens` (three matmuls, like the unchunked forward + backward).
     """
     _check_targets(logits, targets)
-    return reduce_tokens(lambda z, y: kernels.token_logprobs(z, y, temperature), logits, (targets,),
+    return reduce_tokens(LogProb(temperature), logits, (targets,),
                          mask=mask, reduction=reduction, chunk_size=chunk_size)
 
 

@@ -30,7 +30,8 @@ from functools import partial
 import torch
 
 import kernels
-from losses.chunked import DEFAULT_CHUNK_SIZE, Head, Logits, as_logits, flatten_tokens, reduce_tokens, upcast
+from losses.chunked import (DEFAULT_CHUNK_SIZE, Head, Logits, as_logits, flatten_tokens, reduce_tokens, softmax_,
+                            upcast)
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,40 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: flo
             + _kl_to_mixture(student_logp, teacher_logp, beta) / beta)
 
 
+@dataclass(frozen=True)
+class KL:
+    """Per-token forward KL(p || q) or reverse KL(q || p) against dense teacher logits, q = softmax(z / T)
+    the student's and p = softmax(t / T) the teacher's, with the student gradient in closed form for the
+    chunked path:
+        forward:  d KL(p || q) / dz = (q - p) / T
+        reverse:  d KL(q || p) / dz = q * (log q - log p - KL(q || p)) / T."""
+
+    temperature: float = 1.0
+    reverse: bool = False
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kernels.kl_div(student, teacher, self.temperature, self.reverse)  # (n,)
+
+    def value_and_grad_(self, student: torch.Tensor, weights: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """KL [n]; the student logits [n, V] are overwritten with d(sum_i weights_i KL_i)/dz."""
+        scale = 1.0 / self.temperature
+        teacher = upcast(teacher)
+        logp = torch.log_softmax(teacher if scale == 1 else teacher * scale, -1)  # (n, V)
+        if self.reverse:
+            logq = torch.log_softmax(student if scale == 1 else student * scale, -1)  # (n, V)
+            torch.exp(logq, out=student)  # student now holds q
+            kl = (student * logq.sub_(logp)).sum(-1)  # (n,) logq now holds log q - log p
+            student.mul_(logq.sub_(kl[:, None])).mul_((scale * weights)[:, None])
+            return kl
+        logp.clamp_(min=torch.finfo(logp.dtype).min)  # -inf -> finite: the 0 * log 0 terms below give 0, not nan
+        p = logp.exp()  # (n, V)
+        kl = (p * logp.sub_(student, alpha=scale)).sum(-1)  # (n,) sum p (log p - z / T), before z is overwritten
+        kl += softmax_(student, scale)  # (n,) + logsumexp(z / T) = sum p (log p - log q); student now holds q
+        student.sub_(p).mul_((scale * weights)[:, None])
+        return kl
+
+
 def _dense_rows(student, teacher, beta: float, temperature: float) -> torch.Tensor:
-    if beta in (0, 1):  # the fused kernel
-        return kernels.kl_div(student, teacher, temperature, reverse=beta == 1)
     return divergence(kernels.log_softmax(student, temperature), kernels.log_softmax(teacher, temperature), beta)
 
 
@@ -131,7 +163,10 @@ def generalized_jsd(student: Logits, teacher: Logits | SparseTeacher, beta: floa
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     rows_fn, rows = _teacher_rows(teacher, student.shape[-1], temperature)
-    token_fn = partial(rows_fn, beta=beta, temperature=temperature)
+    if rows_fn is _dense_rows and beta in (0, 1):  # KL, with the fused kernel and a closed-form gradient
+        token_fn = KL(temperature, reverse=beta == 1)
+    else:
+        token_fn = partial(rows_fn, beta=beta, temperature=temperature)
     loss = reduce_tokens(token_fn, student, rows, mask=mask, reduction=reduction, chunk_size=chunk_size)
     return loss * temperature ** 2 if scale_t2 else loss
 
