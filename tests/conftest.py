@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from data.synthetic import corpus_texts, make_splits, write_jsonl
 from model.tokenizer import train_tokenizer
@@ -34,3 +36,19 @@ def synthetic_workspace(root: Path, n_train: int, n_test: int, vocab_size: int =
     write_jsonl(root / "train.jsonl", splits["train"])
     write_jsonl(root / "eval.jsonl", splits["test"])
     return train_tokenizer(corpus_texts(splits["train"]), root / "tok", vocab_size)
+
+
+class WidestVocabTensor(TorchDispatchMode):
+    """Records the most rows of any tensor an op returns (forward or backward) with the vocabulary as its
+    last dimension: a [rows, V] block of logits, probabilities or their gradients."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size, self.rows = vocab_size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab_size:
+                self.rows = max(self.rows, t.numel() // self.vocab_size)
+        return out

@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 
+from conftest import WidestVocabTensor
 from model.config import ModelConfig
 from model.transformer import Transformer
 from rl.grpo import GRPOConfig, grpo_step, grpo_update, sequence_weights
@@ -273,22 +272,6 @@ def test_config_builds_weighted_reward_fns():
     assert [f.name for f in GRPOConfig().reward_fns()] == ["correct"]
     with pytest.raises(ValueError, match="format_pattern"):
         GRPOConfig(format_weight=0.1)
-
-
-class WidestVocabTensor(TorchDispatchMode):
-    """Records the most rows of any tensor an op returns (forward or backward) with the vocabulary as its
-    last dimension: a [rows, V] block of logits, probabilities or their gradients."""
-
-    def __init__(self, vocab_size):
-        super().__init__()
-        self.vocab_size, self.rows = vocab_size, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab_size:
-                self.rows = max(self.rows, t.numel() // self.vocab_size)
-        return out
 
 
 def test_update_never_materialises_the_full_logits():

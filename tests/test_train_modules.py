@@ -27,7 +27,7 @@ from trainer.distributed import Dist
 from trainer.metrics import Metrics, plot_metrics, read_metrics
 from trainer.on_policy import on_policy_step, student_examples
 from trainer.stages import count_tokens, make_objective, sft_objective
-from test_rl_grpo import WidestVocabTensor
+from conftest import WidestVocabTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"model": "tiny-student", "out": "runs/x", "data.path": "train.jsonl"}
