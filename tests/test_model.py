@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import PRESETS, ModelConfig
-from model.transformer import KVCache, Transformer
+from model.transformer import KVCache, RMSNormFunction, Transformer
 
 # The config.json files published with the checkpoints (Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B).
 QWEN25_05B_JSON = {
@@ -201,6 +201,51 @@ def test_activation_checkpointing_gives_identical_gradients(config):
         F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def rms_norm_plain(x, weight, eps):
+    """The formula written out for autograd to differentiate (HF's Qwen2RMSNorm)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_rms_norm_function_passes_fp64_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, weight))
+
+
+@pytest.mark.parametrize("shape", [(3, 17, 33), (2, 5, 3, 64), (1, 1)], ids=str)
+def test_rms_norm_function_matches_autograd_of_the_formula(shape):
+    gen = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
+    weight = torch.randn(shape[-1], generator=gen).requires_grad_()
+    grad = torch.randn(shape, generator=gen)
+    results = []
+    for norm in (RMSNormFunction.apply, rms_norm_plain):
+        y = norm(x, weight, 1e-6)
+        y.backward(grad)
+        results.append((y.detach(), x.grad, weight.grad))
+        x.grad = weight.grad = None
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_function_bf16_input_keeps_dtypes_and_tracks_fp32():
+    gen = torch.Generator().manual_seed(6)
+    x32 = torch.randn(4, 9, 24, generator=gen)
+    weight = torch.randn(24, generator=gen).requires_grad_()
+    grad = torch.randn(4, 9, 24, generator=gen)
+    x16 = x32.bfloat16().requires_grad_()
+    y = RMSNormFunction.apply(x16, weight, 1e-6)
+    y.backward(grad)
+    assert y.dtype == torch.float32 and x16.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    x = x16.detach().float().requires_grad_()
+    weight_grad16, weight.grad = weight.grad, None
+    rms_norm_plain(x, weight, 1e-6).backward(grad)
+    torch.testing.assert_close(x16.grad.float(), x.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight_grad16, weight.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_init_weights_is_seeded_and_standard():
