@@ -213,6 +213,16 @@ def test_error_corrupt_safetensors(checkpoint):
         load_pretrained(checkpoint)
 
 
+def test_error_unreadable_config_and_index(checkpoint):
+    (checkpoint / "config.json").write_text('{"model_type": "qwen2",\n  "hidden_size": }')  # cut short
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON \(.*line 2"):
+        load_pretrained(checkpoint)
+    hf_model("qwen2", False, 2).save_pretrained(checkpoint)
+    (checkpoint / INDEX_FILE).write_text(json.dumps({"metadata": {}}))  # no weight_map
+    with pytest.raises(ValueError, match=r"index\.json: expected JSON with a 'weight_map' object"):
+        load_pretrained(checkpoint)
+
+
 def test_error_missing_config(checkpoint):
     (checkpoint / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json: missing config\.json"):

@@ -140,6 +140,30 @@ def test_large_vocab_rows():
     close(grads(ours, student)[0], grads(ref, student)[0].float())
 
 
+def test_large_vocab_rows_rl_and_other_divergences():
+    """The other losses on the 151,936-token head: float64 naive references, T != 1, a masked row."""
+    student, teacher = leaf(5, 151936, scale=4.0, seed=7), leaf(5, 151936, scale=4.0, seed=8).detach()
+    targets = torch.tensor([0, 151935, 17, 99999, 3])
+    mask = torch.tensor([True, True, False, True, True])
+    t64 = teacher.double()
+
+    def logq(s):
+        return torch.log_softmax(s.double() / 0.7, -1)
+    cases = [  # (ours, naive reference, relative tolerance: a 151,936-term fp32 sum drifts by ~1e-5)
+        (token_logprobs(student, targets, 0.7, mask),
+         lambda s: logq(s).gather(-1, targets[:, None])[:, 0] * mask, 1e-5),
+        (entropy(student, 0.7, mask), lambda s: -(logq(s).exp() * logq(s)).sum(-1) * mask, 5e-5),
+        (reverse_kl(student, teacher, 1.5, mask), lambda s: masked_mean(naive_kl(s.double(), t64, 1.5), mask), 5e-5),
+        (generalized_jsd(student, teacher, 0.3, 1.5, mask),
+         lambda s: masked_mean(naive_jsd(s.double(), t64, 0.3, 1.5), mask), 5e-5),
+    ]
+    for ours, naive, rtol in cases:
+        ref = naive(student)
+        close(ours, ref.float(), rtol=rtol, atol=1e-6)
+        upstream = torch.linspace(0.5, 1.5, ours.numel()).reshape(ours.shape)
+        close(grads((ours * upstream).sum(), student)[0], grads((ref * upstream).sum(), student)[0].float())
+
+
 # ---- sparse top-k teacher ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
