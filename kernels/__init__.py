@@ -17,10 +17,11 @@ from kernels.log_softmax import LogSoftmax, LogSumExp, log_softmax_reference, lo
 from kernels.online_softmax import HAS_TRITON
 from kernels.token_logprobs import TokenLogprobs, cross_entropy_reference, token_logprobs_reference
 
-__all__ = ["HAS_TRITON", "log_softmax", "logsumexp", "cross_entropy", "token_logprobs", "kl_div"]
+__all__ = ["HAS_TRITON", "uses_triton", "log_softmax", "logsumexp", "cross_entropy", "token_logprobs", "kl_div"]
 
 
-def _use_triton(logits: torch.Tensor) -> bool:
+def uses_triton(logits: torch.Tensor) -> bool:
+    """Whether the ops run their Triton kernels on these logits (CUDA and triton importable)."""
     return HAS_TRITON and logits.is_cuda
 
 
@@ -39,7 +40,7 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
 def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T) per row: (N, V) -> fp32 (N, V)."""
     _check(logits, temperature)
-    if _use_triton(logits):
+    if uses_triton(logits):
         return LogSoftmax.apply(logits, temperature)
     return log_softmax_reference(logits, temperature)
 
@@ -47,7 +48,7 @@ def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """log Σ_j exp(logits_j) per row: (N, V) -> fp32 (N,)."""
     _check(logits)
-    if _use_triton(logits):
+    if uses_triton(logits):
         return LogSumExp.apply(logits)
     return logsumexp_reference(logits)
 
@@ -57,7 +58,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """log softmax(logits / T)[target] per row: (N, V), (N,) -> fp32 (N,); 0 at ignore_index rows."""
     _check(logits, temperature)
     _check_targets(logits, targets)
-    if _use_triton(logits):
+    if uses_triton(logits):
         return TokenLogprobs.apply(logits, targets, temperature, ignore_index)
     return token_logprobs_reference(logits, targets, temperature, ignore_index)
 
@@ -66,7 +67,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """-log softmax(logits)[target] per row: (N, V), (N,) -> fp32 (N,); 0 at ignore_index rows."""
     _check(logits)
     _check_targets(logits, targets)
-    if _use_triton(logits):
+    if uses_triton(logits):
         return -TokenLogprobs.apply(logits, targets, 1.0, ignore_index)
     return cross_entropy_reference(logits, targets, ignore_index)
 
@@ -79,6 +80,6 @@ def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatu
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} must have the same shape")
-    if _use_triton(student_logits):
+    if uses_triton(student_logits):
         return KLDiv.apply(student_logits, teacher_logits, temperature, reverse)
     return kl_div_reference(student_logits, teacher_logits, temperature, reverse)

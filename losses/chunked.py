@@ -15,7 +15,7 @@ different things from autograd:
    (Hsu et al. 2024, arXiv:2410.10989): the loss is a scalar L = sum_i w_i * l_i, so its gradient can be
    computed *during the forward pass*, chunk by chunk, and the chunk's logits freed at once:
        z_c = h_c W^T                       (chunk logits)
-       g_c = dL/dz_c                        (autograd through token_fn on the chunk only)
+       g_c = dL/dz_c                        (closed form, or autograd through token_fn on the chunk)
        dL/dh_c = g_c W,   dL/dW += g_c^T h_c
    backward() only multiplies the stored gradients by the incoming scalar. Three matmuls per chunk,
    the same as the unchunked forward + backward, so no recomputation.
@@ -25,13 +25,15 @@ different things from autograd:
    each chunk's logits (one extra matmul per chunk).
 
 Both paths drop the rows with zero weight (prompt tokens, padding) before chunking, so masked tokens
-cost nothing. The chunk's logits live in one [chunk, V] buffer reused from chunk to chunk; a token
-function that knows its gradient in closed form (`value_and_grad_`, e.g. softmax - onehot for
-cross-entropy) writes dL/dz over that buffer instead of going through autograd. Both matter on CPU,
-where every fresh [chunk, V] tensor is page-faulted in anew (51 ms to allocate and zero a
-[128, 151936] fp32 tensor vs 12 ms to zero an existing one, one core): autograd through a log-softmax
-allocates four such tensors per chunk. Row arguments (`rows`) are constants sliced alongside the tokens: tensors with a
+cost nothing. Row arguments (`rows`) are constants sliced alongside the tokens: tensors with a
 leading token dimension, or a `Head` (a teacher), projected per chunk under no_grad.
+
+The chunk's logits live in one [chunk, V] buffer reused from chunk to chunk, and a token function
+that knows its gradient in closed form (`value_and_grad_`: softmax - onehot for cross-entropy, q - p
+for forward KL) writes dL/dz over that buffer instead of going through autograd. That matters on
+CPU, where every fresh [chunk, V] tensor is page-faulted in anew (51 ms to allocate and zero a
+[128, 151936] fp32 tensor vs 12 ms to zero an existing one, one core) and autograd through a
+log-softmax allocates four per chunk. On CUDA the Triton kernels' autograd path is used instead.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
+
+import kernels
 
 TokenFn = Callable[..., torch.Tensor]  # (logits [n, V] fp32, *rows) -> [n] fp32
 # optionally with .value_and_grad_(logits [n, V], weights [n], *rows) -> [n]: the values, and
@@ -140,7 +144,7 @@ def _chunked_backprop(token_fn, hidden, weight, rows, weights, chunk_size, need_
                 grad_hidden[chunk] = g @ w  # (c, d)
             if need_w:
                 _accumulate(grad_weight, g.T, h)  # (V, d)
-        values.append(chunk_values)
+        values.append(chunk_values.clone())  # a token function may return a view of the reused buffer
     values = torch.cat(values) if values else hidden.new_zeros(0, dtype=acc_dtype)
     return values, grad_hidden, grad_weight
 
@@ -148,7 +152,9 @@ def _chunked_backprop(token_fn, hidden, weight, rows, weights, chunk_size, need_
 def _chunk_values_and_grad(token_fn, logits, row_args, weights, need_grad: bool):
     """token_fn on one chunk's logits [c, V] and the gradient of sum_i weights_i * l_i w.r.t. them (None
     when not needed): in closed form over `logits` when the token function has one, else by autograd."""
-    if hasattr(token_fn, "value_and_grad_"):
+    # On CUDA the Triton kernels take the autograd path: one fused pass each way, where the closed form is
+    # ~6 torch passes over the chunk (and CUDA's caching allocator makes fresh tensors cheap).
+    if hasattr(token_fn, "value_and_grad_") and not kernels.uses_triton(logits):
         return token_fn.value_and_grad_(logits, weights, *row_args), (logits if need_grad else None)
     logits.requires_grad_(need_grad)
     with torch.enable_grad():
@@ -265,7 +271,7 @@ def reduce_tokens(token_fn: TokenFn, logits: Logits, rows=(), mask: torch.Tensor
         if keep is not None:
             values = values.new_zeros(n).index_put((keep,), values)  # (n,)
         return values.reshape(lead)
-    if isinstance(logits, Head):
+    if isinstance(logits, Head) and torch.is_grad_enabled():  # no_grad (eval): values only, one matmul per chunk
         total = FusedLinearSum.apply(logits.hidden, logits.weight, weights, token_fn, rows, chunk_size)
     else:
         total = (_token_values(token_fn, logits, rows, chunk_size) * weights).sum()

@@ -129,7 +129,9 @@ class KL:
         logp.clamp_(min=torch.finfo(logp.dtype).min)  # -inf -> finite: the 0 * log 0 terms below give 0, not nan
         p = logp.exp()  # (n, V)
         kl = (p * logp.sub_(student, alpha=scale)).sum(-1)  # (n,) sum p (log p - z / T), before z is overwritten
-        kl += softmax_(student, scale)  # (n,) + logsumexp(z / T) = sum p (log p - log q); student now holds q
+        # + lse(z / T) * sum_v p_v = sum p (log p - log q); the computed sum p, not 1: its rounding error times
+        # lse is ~20% of a KL of 3e-4 nats over 151,936 tokens. student now holds q
+        kl += softmax_(student, scale) * p.sum(-1)  # (n,)
         student.sub_(p).mul_((scale * weights)[:, None])
         return kl
 
