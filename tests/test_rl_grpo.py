@@ -2,14 +2,15 @@
 split (real gloo DDP), mu > 1 starts from the same step, and a tiny model learns a verifiable toy task."""
 import copy
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
 
 from conftest import WidestVocabTensor
 from model.config import ModelConfig
@@ -22,6 +23,7 @@ TOY = ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=32, intermediat
                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, rope_theta=10_000.0,
                   max_position_embeddings=64, tie_word_embeddings=True, attention_bias=True, qk_norm=False)
 STOP_IDS = [0, 1]
+ROOT = Path(__file__).resolve().parents[1]
 G = 4
 
 
@@ -45,7 +47,7 @@ def _even_fraction(completions, references):
     return [sum(t % 2 == 0 for t in c.tokens) / len(c.tokens) for c in completions]
 
 
-EVEN = RewardFn("even", _even_fraction)  # module level: the 2-rank workers unpickle it by name
+EVEN = RewardFn("even", _even_fraction)
 
 
 def _rewards(batch):
@@ -176,12 +178,16 @@ def test_reference_model_needed_exactly_when_beta_positive():
         GRPOConfig(aggregation="sum")
 
 
-def _ddp_worker(rank, init_file, model, batch, advantages, configs, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    rows = slice(0, len(batch) // 2) if rank == 0 else slice(len(batch) // 2, len(batch))  # whole groups
+def _rank_worker(work_dir: str):
+    """One torchrun rank (this file run as a script): this rank's half of the saved batch (whole groups),
+    through DDP, for each saved config; writes its parameters and advantages."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model, batch, advantages, configs = torch.load(os.path.join(work_dir, "inputs.pt"), weights_only=False)
+    rows = slice(0, len(batch) // 2) if rank == 0 else slice(len(batch) // 2, len(batch))
     shard = batch.select(rows)
     for name, cfg in configs.items():
-        trained = copy.deepcopy(model)  # the argument arrives in shared memory: each rank needs its own weights
+        trained = copy.deepcopy(model)
         ddp = torch.nn.parallel.DistributedDataParallel(trained)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=1.0)
         if name == "step":  # this rank's rewards -> advantages (batch std over both ranks) -> update
@@ -191,12 +197,12 @@ def _ddp_worker(rank, init_file, model, batch, advantages, configs, out_dir):
             shard_advantages = advantages[rows]
             grpo_update(ddp, None, optimizer, shard, shard_advantages, cfg)
         params = [p.detach() for p in trained.parameters()]
-        torch.save((params, shard_advantages), os.path.join(out_dir, f"{name}{rank}.pt"))
+        torch.save((params, shard_advantages), os.path.join(work_dir, f"{name}{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_rank():
-    """Real 2-process DDP (gloo), each rank holding whole groups: global normaliser and world-size scaling
+    """torchrun, 2 ranks of DDP (gloo), each holding whole groups: global normaliser and world-size scaling
     give the 1-process update, for the per-sequence ("grpo") and the token-level ("dapo") normalisers;
     and grpo_step from rewards ("step": batch-std advantages, Dr. GRPO sum) gives the 1-process
     advantages and update."""
@@ -208,10 +214,12 @@ def test_two_ranks_equal_one_rank():
                "step": GRPOConfig(aggregation="dr_grpo", scale_rewards="batch", **common)}
     half = len(batch) // 2
     assert batch.completion_mask[:half].sum() != batch.completion_mask[half:].sum()  # ranks hold unequal tokens
-    mp.set_forkserver_preload(["torch", "rl.grpo"])  # imported once by the server, not per rank
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_ddp_worker, args=(os.path.join(tmp, "init"), model, batch, advantages, configs, tmp),
-                           nprocs=2, start_method="forkserver")  # forked from a clean server process
+        torch.save((model, batch, advantages, configs), os.path.join(tmp, "inputs.pt"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, tmp]
+        result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
         ranks = {name: [torch.load(os.path.join(tmp, f"{name}{r}.pt")) for r in range(2)] for name in configs}
     for name, cfg in configs.items():
         single = copy.deepcopy(model)
@@ -304,3 +312,7 @@ def test_bf16_autocast_update_matches_fp32():
     bf16 = torch.cat([(p0 - p1).detach().flatten() for p0, p1 in zip(model.parameters(), trained.parameters())])
     assert torch.isfinite(torch.tensor(list(metrics.values()))).all()
     assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.99
+
+
+if __name__ == "__main__":  # a rank of test_two_ranks_equal_one_rank, under torchrun
+    _rank_worker(sys.argv[1])
