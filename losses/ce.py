@@ -26,13 +26,14 @@ class LogProb:
         return self.sign * kernels.token_logprobs(logits, targets, self.temperature)  # (n,)
 
     def value_and_grad_(self, logits: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """l [n]; logits [n, V] are overwritten with d(sum_i weights_i l_i)/dz."""
+        """l [n]; logits [n, V] are overwritten with d(sum_i weights_i l_i)/dz (with p when weights is None)."""
         scale = 1.0 / self.temperature
         picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,) z_i[y_i]
-        lse = softmax_(logits, scale)  # (n,) logits now hold p
-        coef = (self.sign * scale) * weights  # (n,)
-        logits.mul_(-coef[:, None]).scatter_add_(1, targets[:, None], coef[:, None].to(logits.dtype))
-        return self.sign * (scale * picked - lse)  # (n,)
+        values = self.sign * (scale * picked - softmax_(logits, scale))  # (n,) logits now hold p
+        if weights is not None:
+            coef = (self.sign * scale) * weights  # (n,)
+            logits.mul_(-coef[:, None]).scatter_add_(1, targets[:, None], coef[:, None].to(logits.dtype))
+        return values
 
 
 def _check_targets(logits: Logits, targets: torch.Tensor):

@@ -46,8 +46,9 @@ from torch.autograd.function import once_differentiable
 import kernels
 
 TokenFn = Callable[..., torch.Tensor]  # (logits [n, V] fp32, *rows) -> [n] fp32
-# optionally with .value_and_grad_(logits [n, V], weights [n], *rows) -> [n]: the values, and
-# d(sum_i weights_i * l_i)/dlogits written over `logits` (closed form, no autograd)
+# optionally with .value_and_grad_(logits [n, V], weights [n] | None, *rows) -> [n]: the values, and
+# d(sum_i weights_i * l_i)/dlogits written over `logits` (closed form, no autograd); weights None: values
+# only (logits are overwritten all the same)
 REDUCTIONS = ("none", "sum", "mean")
 DEFAULT_CHUNK_SIZE = 128  # [128, 151936] fp32 = 78 MB per live logits-sized tensor
 
@@ -155,7 +156,8 @@ def _chunk_values_and_grad(token_fn, logits, row_args, weights, need_grad: bool)
     # On CUDA the Triton kernels take the autograd path: one fused pass each way, where the closed form is
     # ~6 torch passes over the chunk (and CUDA's caching allocator makes fresh tensors cheap).
     if hasattr(token_fn, "value_and_grad_") and not kernels.uses_triton(logits):
-        return token_fn.value_and_grad_(logits, weights, *row_args), (logits if need_grad else None)
+        values = token_fn.value_and_grad_(logits, weights if need_grad else None, *row_args)
+        return values, (logits if need_grad else None)
     logits.requires_grad_(need_grad)
     with torch.enable_grad():
         values = token_fn(logits, *row_args)  # (c,)

@@ -116,7 +116,8 @@ class KL:
         return kernels.kl_div(student, teacher, self.temperature, self.reverse)  # (n,)
 
     def value_and_grad_(self, student: torch.Tensor, weights: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """KL [n]; the student logits [n, V] are overwritten with d(sum_i weights_i KL_i)/dz."""
+        """KL [n]; the student logits [n, V] are overwritten with d(sum_i weights_i KL_i)/dz (with q when
+        weights is None)."""
         scale = 1.0 / self.temperature
         teacher = upcast(teacher)
         logp = torch.log_softmax(teacher if scale == 1 else teacher * scale, -1)  # (n, V)
@@ -124,7 +125,8 @@ class KL:
             logq = torch.log_softmax(student if scale == 1 else student * scale, -1)  # (n, V)
             torch.exp(logq, out=student)  # student now holds q
             kl = (student * logq.sub_(logp)).sum(-1)  # (n,) logq now holds log q - log p
-            student.mul_(logq.sub_(kl[:, None])).mul_((scale * weights)[:, None])
+            if weights is not None:
+                student.mul_(logq.sub_(kl[:, None])).mul_((scale * weights)[:, None])
             return kl
         logp.clamp_(min=torch.finfo(logp.dtype).min)  # -inf -> finite: the 0 * log 0 terms below give 0, not nan
         p = logp.exp()  # (n, V)
@@ -132,7 +134,8 @@ class KL:
         # + lse(z / T) * sum_v p_v = sum p (log p - log q); the computed sum p, not 1: its rounding error times
         # lse is ~20% of a KL of 3e-4 nats over 151,936 tokens. student now holds q
         kl += softmax_(student, scale) * p.sum(-1)  # (n,)
-        student.sub_(p).mul_((scale * weights)[:, None])
+        if weights is not None:
+            student.sub_(p).mul_((scale * weights)[:, None])
         return kl
 
 
