@@ -19,7 +19,9 @@ What is kept from GRPO, and what is not:
 - dropped: process supervision, iterative reward-model retraining, DAPO's re-sampling to refill
   filtered groups (filtered groups are masked out, not replaced).
 
-beta = 0 (the default, as in DAPO and Dr. GRPO) keeps no reference model at all.
+beta = 0 (the default, as in DAPO and Dr. GRPO) keeps no reference model at all. With mu = 1 as well
+(also the default) the ratio is exactly 1, the loss's gradient is REINFORCE's, and the update runs as
+one fused lm_head pass (`_on_policy_objective`); otherwise log-probs with a graph feed `policy_loss`.
 
 Normalisation: every micro-batch's loss is a SUM divided by the GLOBAL normaliser of the whole
 rollout batch on all ranks (rl/policy_loss.py), all-reduced once before the first backward, so the
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from losses import Head, entropy, token_logprobs
 from model.generate import SamplingParams
 from rl.advantages import SCALE_MODES, all_reduce_sum, group_advantages, zero_std_groups
-from rl.policy_loss import AGGREGATIONS, KL_ESTIMATORS, normaliser, policy_loss
+from rl.policy_loss import AGGREGATIONS, KL_ESTIMATORS, PolicyLossOutput, normaliser, policy_loss, token_weights
 from rl.rewards import RewardFn, compute_rewards, correctness, format_match, overlong_penalty
 from rl.rollout import RolloutBatch, unwrap
 
@@ -200,18 +202,36 @@ def _micro_step(policy, mb: RolloutBatch, advantages, keep, ref_logprobs, cfg: G
     """Forward, loss and backward of one micro-batch (gradients accumulate); returns its sums.
     The entropy of pi (a metric; one extra no-grad pass over the vocabulary) only when `with_entropy`."""
     keep = keep[:, :mb.completion_mask.shape[1]]  # (b, C) the micro-batch's trimmed width
+    targets = mb.input_ids[:, mb.prompt_length:]  # (b, C)
     with forward_context():
         head = completion_head(policy, mb)
-        logprobs = token_logprobs(head, mb.input_ids[:, mb.prompt_length:], mask=mb.completion_mask,
-                                  chunk_size=cfg.chunk_size)  # (b, C)
         ent = _entropy_sum(head, keep, cfg.chunk_size) if with_entropy else 0.0
-    old = logprobs.detach() if cfg.mu == 1 else mb.sampler_logprobs
-    out = policy_loss(logprobs, old, advantages, keep, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                      aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens, ref_logprobs=ref_logprobs,
-                      beta=cfg.beta, kl_estimator=cfg.kl_estimator)
-    (out.loss_sum * scale).backward()
+        if cfg.mu == 1 and cfg.beta == 0:
+            objective, out = _on_policy_objective(head, targets, advantages, keep, cfg)
+        else:
+            logprobs = token_logprobs(head, targets, mask=mb.completion_mask, chunk_size=cfg.chunk_size)  # (b, C)
+            old = logprobs.detach() if cfg.mu == 1 else mb.sampler_logprobs
+            out = policy_loss(logprobs, old, advantages, keep, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                              aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens,
+                              ref_logprobs=ref_logprobs, beta=cfg.beta, kl_estimator=cfg.kl_estimator)
+            objective = out.loss_sum
+    (objective * scale).backward()
     return {"loss": out.loss_sum.detach(), "clipped": out.clipped_tokens, "kl": out.kl_sum,
             "tokens": out.num_tokens, "entropy": ent}
+
+
+def _on_policy_objective(head: Head, targets, advantages, keep, cfg: GRPOConfig):
+    """mu = 1, beta = 0: the ratio is exactly 1 and the clip never binds, so the GRPO loss has the gradient
+    of REINFORCE, -sum_it A_i w_it log pi(o_it) (w_it: the aggregation's token weights). That sum is one
+    fused lm_head pass (losses' reduction "sum": 3 matmuls per chunk, no per-token graph, no recomputation
+    in backward, rows with A_i = 0 skipped). Returns it for backward, and the loss record: the surrogate's
+    value at ratio 1, -sum_it A_i w_it, as policy_loss reports it."""
+    weights = -advantages[:, None] * token_weights(keep, cfg.aggregation)  # (b, C)
+    objective = token_logprobs(head, targets, mask=weights, reduction="sum", chunk_size=cfg.chunk_size)
+    zero = weights.new_zeros(())
+    out = PolicyLossOutput(loss_sum=weights.sum(), normaliser=normaliser(keep, cfg.aggregation, cfg.max_new_tokens),
+                           clipped_tokens=zero, kl_sum=zero, num_tokens=keep.sum())
+    return objective, out
 
 
 @torch.no_grad()

@@ -65,12 +65,18 @@ def normaliser(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> tor
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
 
 
+def token_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """w_it [B, C] with loss_sum = sum_it w_it l_it: m_it / sum_t m_it for "grpo" (per-sequence means), else m_it."""
+    mask = mask.float()  # (B, C)
+    if aggregation == "grpo":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return mask
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     """Loss sum of per-token values [B, C] under `mask` [B, C]: per-sequence means for "grpo", else token sum."""
     masked = per_token.masked_fill(~mask.bool(), 0.0)  # (B, C)
-    if aggregation == "grpo":
-        return (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
-    return masked.sum()
+    return (masked * token_weights(mask, aggregation)).sum()
 
 
 @dataclass

@@ -282,7 +282,8 @@ def test_config_builds_weighted_reward_fns():
         GRPOConfig(format_weight=0.1)
 
 
-def test_update_never_materialises_the_full_logits():
+@pytest.mark.parametrize("beta", [0.1, 0.0])  # the per-token path, and the fused on-policy path (mu = 1, beta = 0)
+def test_update_never_materialises_the_full_logits(beta):
     """Log-probs, reference log-probs (beta > 0), entropy and their backward go through the chunked head:
     no tensor ever holds more than chunk_size rows of vocabulary-wide values (here V = 97, a size no
     other dimension has; the hidden size 32 < chunk_size, so a transposed lm_head view stays under it)."""
@@ -291,11 +292,11 @@ def test_update_never_materialises_the_full_logits():
     batch = rollout(model, _prompts(8, seed=8), [None] * 8, params, STOP_IDS)
     chunk = 40
     assert batch.completion_mask.numel() > 3 * chunk  # full logits would be [B * C, V]
-    cfg = GRPOConfig(group_size=G, max_new_tokens=6, chunk_size=chunk, micro_batch_size=len(batch), beta=0.1)
+    cfg = GRPOConfig(group_size=G, max_new_tokens=6, chunk_size=chunk, micro_batch_size=len(batch), beta=beta)
     widest = WidestVocabTensor(97)
     with widest:
-        grpo_update(model, copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.1), batch,
-                    torch.randn(len(batch)), cfg)
+        grpo_update(model, copy.deepcopy(model) if beta else None, torch.optim.SGD(model.parameters(), lr=0.1),
+                    batch, torch.randn(len(batch)), cfg)
     assert 0 < widest.rows <= chunk
 
 
