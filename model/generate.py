@@ -18,9 +18,9 @@ Sampling. From the next-token logits z (fp32), in the order transformers and vLL
   keep the smallest set of most likely tokens whose probability reaches p;
 then draw from the softmax of what is left by inverse-CDF sampling with one uniform number.
 
-Randomness. Completion (prompt i, sample j) draws its uniforms from its own stream,
-numpy's `default_rng((seed, i, j))` (a SeedSequence over the three numbers), so its tokens depend on the model, its prompt and the seed only: not on batch_size, the
-other prompts, or a global RNG. (Logits of different batch shapes may differ in the last float bit,
+Randomness. Completion (prompt i, sample j) draws its uniforms from its own stream, numpy's
+`default_rng((seed, i, j))` (a SeedSequence over the three numbers), so its tokens depend on the
+model, its prompt and the seed only: not on batch_size, the other prompts, or a global RNG. (Logits of different batch shapes may differ in the last float bit,
 which can flip a draw that lands exactly on a CDF boundary: possible, vanishingly rare.)
 
 Two log-prob streams per token. `logprobs` are under the distribution actually sampled from (tempered,
