@@ -167,17 +167,14 @@ def generalized_jsd(student: Logits, teacher: Logits | SparseTeacher, beta: floa
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows_fn, rows = _teacher_rows(teacher, student.shape[-1], temperature)
-    if rows_fn is _dense_rows and beta in (0, 1):  # KL, with the fused kernel and a closed-form gradient
-        token_fn = KL(temperature, reverse=beta == 1)
-    else:
-        token_fn = partial(rows_fn, beta=beta, temperature=temperature)
+    token_fn, rows = _teacher_rows(teacher, student.shape[-1], beta, temperature)
     loss = reduce_tokens(token_fn, student, rows, mask=mask, reduction=reduction, chunk_size=chunk_size)
     return loss * temperature ** 2 if scale_t2 else loss
 
 
-def _teacher_rows(teacher: Logits | SparseTeacher, vocab_size: int, temperature: float):
-    """The per-token divergence for this kind of teacher, and the teacher as constant row arguments."""
+def _teacher_rows(teacher: Logits | SparseTeacher, vocab_size: int, beta: float, temperature: float):
+    """The per-token divergence for this kind of teacher, and the teacher as constant row arguments. A dense
+    teacher at beta 0 or 1 gets `KL`: the fused kernel and a closed-form gradient."""
     if isinstance(teacher, SparseTeacher):
         if teacher.temperature != temperature:
             raise ValueError(f"the sparse teacher was built at temperature {teacher.temperature}, "
@@ -185,13 +182,16 @@ def _teacher_rows(teacher: Logits | SparseTeacher, vocab_size: int, temperature:
         if teacher.indices.shape[-1] > vocab_size:
             raise ValueError(f"the sparse teacher keeps {teacher.indices.shape[-1]} tokens, more than the "
                              f"student's vocabulary of {vocab_size}")
-        return _sparse_rows, (teacher.logprobs.detach(), teacher.indices, teacher.rest_logprob.detach())
+        return (partial(_sparse_rows, beta=beta, temperature=temperature),
+                (teacher.logprobs.detach(), teacher.indices, teacher.rest_logprob.detach()))
     if teacher.shape[-1] != vocab_size:
         raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {vocab_size}: "
                          "slice both heads to the shared tokenizer's ids")
+    dense = KL(temperature, reverse=beta == 1) if beta in (0, 1) else partial(_dense_rows, beta=beta,
+                                                                               temperature=temperature)
     if isinstance(teacher, Head):
-        return _dense_rows, (Head(teacher.hidden.detach(), teacher.weight.detach()),)
-    return _dense_rows, (teacher.detach(),)
+        return dense, (Head(teacher.hidden.detach(), teacher.weight.detach()),)
+    return dense, (teacher.detach(),)
 
 
 def forward_kl(student: Logits, teacher: Logits | SparseTeacher, temperature: float = 1.0,
