@@ -43,11 +43,13 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         x_hat = x.to(rstd.dtype) * rstd  # (..., d)
-        gw = grad.to(rstd.dtype) * weight  # (..., d)
+        grad = grad.to(rstd.dtype)  # (..., d)
+        gw = grad * weight  # (..., d)
         mean_gw_x_hat = torch.linalg.vecdot(gw, x_hat).unsqueeze(-1) / x.shape[-1]  # (..., 1)
         dx = torch.addcmul(gw, x_hat, mean_gw_x_hat, value=-1).mul_(rstd)  # (..., d)
-        dw = (grad.to(rstd.dtype) * x_hat).flatten(0, -2).sum(0)  # (d,)
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        # dw only when the weight trains (LoRA freezes the norms)
+        dw = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (d,)
+        return dx.to(x.dtype), dw, None
 
 
 class RMSNorm(nn.Module):
