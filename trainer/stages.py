@@ -59,7 +59,8 @@ def kd_objective(model, batch, cfg: TrainConfig, teacher, vocab_size: int, alpha
     beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": cfg.kd.beta}[cfg.kd.loss]
     kd = generalized_jsd(student_v, teacher_v, beta, cfg.kd.temperature, mask, cfg.kd.scale_t2,
                          reduction="sum", chunk_size=cfg.chunk_size)
-    ce = cross_entropy(student, targets, reduction="sum", chunk_size=cfg.chunk_size)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):  # alpha = 0: CE for the record only
+        ce = cross_entropy(student, targets, reduction="sum", chunk_size=cfg.chunk_size)
     loss = alpha * ce + (1 - alpha) * kd
     return loss, {"ce": ce.detach(), "kd": kd.detach()}
 
