@@ -20,8 +20,9 @@ then draw from the softmax of what is left by inverse-CDF sampling with one unif
 
 Randomness. Completion (prompt i, sample j) draws its uniforms from its own stream, numpy's
 `default_rng((seed, i, j))` (a SeedSequence over the three numbers), so its tokens depend on the
-model, its prompt and the seed only: not on batch_size, the other prompts, or a global RNG. (Logits of different batch shapes may differ in the last float bit,
-which can flip a draw that lands exactly on a CDF boundary: possible, vanishingly rare.)
+model, its prompt and the seed only: not on batch_size, the other prompts, or a global RNG. (Logits of
+different batch shapes may differ in the last float bit, which can flip a draw that lands exactly on a
+CDF boundary: possible, vanishingly rare.)
 
 Two log-prob streams per token. `logprobs` are under the distribution actually sampled from (tempered,
 truncated; 0 for greedy): the behaviour policy's log-probs. `logprobs_t1` are log_softmax(z) at
