@@ -10,6 +10,7 @@ task_id) and `reference` (what the benchmark's grader compares a completion agai
 """
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +19,19 @@ HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_po
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield ("path:lineno", JSON object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    """Yield ("path:lineno", JSON object) for each non-blank line of a .jsonl or .jsonl.gz file.
+
+    Lines end at "\\n" and must be UTF-8: a line that is not, a malformed line and a corrupt gzip
+    stream are ValueErrors naming the file and line.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(_raw_lines(f, path), start=1):
+            where = f"{path}:{lineno}"
+            line = _utf8(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -33,6 +39,24 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
+
+
+def _raw_lines(f, path: Path) -> Iterator[bytes]:
+    """The lines of an open binary file; a corrupt or truncated gzip stream names the file and line."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(f, start=1):
+            yield raw
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}:{lineno + 1}: corrupt gzip data ({e})") from None
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        byte = f"byte {raw[e.start]:#04x} at position {e.start + 1} of the line"
+        raise ValueError(f"{where}: not valid UTF-8 ({byte})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -93,3 +93,35 @@ def test_prompt_completion(tmp_path):
         load_prompt_completion(path)
     assert load_prompt_completion(write_lines(tmp_path / "ok.jsonl", ['{"prompt": "a", "completion": "b"}'])) == [
         {"prompt": "a", "completion": "b"}]
+
+
+@pytest.mark.parametrize("name", ["latin1.jsonl", "latin1.jsonl.gz"])
+def test_invalid_utf8_names_file_and_line(tmp_path, name):
+    """One byte that is not UTF-8 (0xe9, Latin-1 'é') on line 3; multi-byte UTF-8 before it is fine."""
+    lines = [json.dumps({"prompt": "caf\u00e9 \U0001f642", "completion": "ok"}, ensure_ascii=False).encode(),
+             b"", b'{"prompt": "caf\xe9", "completion": "b"}']
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xe9 at position 16 of the line)")):
+        load_prompt_completion(path)
+    good = b"\n".join(lines[:2]) + b"\n"
+    path.write_bytes(gzip.compress(good) if name.endswith(".gz") else good)
+    assert load_prompt_completion(path) == [{"prompt": "caf\u00e9 \U0001f642", "completion": "ok"}]
+
+
+def test_corrupt_gzip_names_file(tmp_path):
+    path = tmp_path / "h.jsonl.gz"
+    path.write_bytes(b"not gzip at all\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: corrupt gzip data")):
+        read_jsonl(path)
+    good = gzip.compress(b'{"a": 1}\n{"a": 2}\n' * 200)
+    path.write_bytes(good[:len(good) - 12])  # truncated: the stream ends before its end marker
+    with pytest.raises(ValueError, match=re.escape(f"{path}:") + r"\d+: corrupt gzip data"):
+        read_jsonl(path)
+
+
+def test_crlf_line_endings(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\r\n\r\n{"prompt": "c", "completion": "d"}\r\n')
+    assert load_prompt_completion(path) == [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
