@@ -8,15 +8,19 @@ Loading builds the model on the `meta` device (no memory, no random init) and as
 tensors as parameters, so the weights are materialised once (on CPU, tensors already in `dtype` stay
 private copy-on-write mappings of the file: pages load when first touched). Saving writes to a
 temporary directory and moves `config.json` into place last: a crash never leaves a checkpoint that
-looks complete.
+looks complete. A write that fails because the disk is full raises `DiskFullError` naming the path,
+after removing its temporary directory: the previous checkpoint stays as it was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,6 +55,8 @@ WEIGHT_MAP = {
     "lm_head.weight": "lm_head.weight",
 }
 LOCAL_TO_HF = {local: hf for hf, local in WEIGHT_MAP.items()}
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+EXPORT_TEMP_INFIX = ".tmp-"  # save_pretrained writes <parent>/.<name>.tmp-XXXXXXXX, then moves files into <name>
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -69,6 +75,56 @@ def hf_to_local(name: str) -> str | None:
 
 def local_to_hf(name: str) -> str:
     return _rename(name, LOCAL_TO_HF)
+
+
+class DiskFullError(OSError, ValueError):
+    """A write failed because the disk (or the user's quota) is full: errno ENOSPC or EDQUOT, and a
+    one-line str() naming the path. Also a ValueError, so the one-line error path of the entry points
+    reports it without a traceback."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full_errno(error: BaseException) -> int | None:
+    """ENOSPC / EDQUOT when `error`, or an error it was raised from or during, is a full disk.
+
+    torch.save raises RuntimeError("... unexpected pos N vs M") while the OSError of the failed write
+    is its __context__; safetensors' Rust error says "(os error 28)" in its message.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return error.errno
+        code = next((c for c in DISK_FULL_ERRNOS if f"(os error {c})" in str(error)), None)
+        if code is not None:
+            return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def disk_full_reported(path: Path, kept: str) -> Iterator[None]:
+    """Turn a full-disk failure inside the block into DiskFullError("{path}: disk full ...; {kept}")."""
+    try:
+        yield
+    except Exception as e:
+        code = disk_full_errno(e)
+        if code is None:
+            raise
+        raise DiskFullError(code, f"{path}: disk full ({os.strerror(code)}) while writing it; {kept}") from e
+
+
+def require_directory(path: str | Path, role: str) -> Path:
+    """`path` as a Path if it is a directory; else FileNotFoundError "{role} directory X not found"
+    (ValueError when X is a file), before anything looks for files inside it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{role} directory {path} not found")
+    if not path.is_dir():
+        raise ValueError(f"{role} directory {path} is a file, not a directory")
+    return path
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -121,7 +177,7 @@ def read_tensors(file: Path, expected: dict[str, torch.Size], tied: bool, dtype,
 
 def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu") -> Transformer:
     """Load an HF-layout Qwen2/Qwen3 checkpoint directory as a `Transformer` in `dtype` on `device`."""
-    path = Path(path)
+    path = require_directory(path, "model")
     config = read_config(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -142,25 +198,37 @@ def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None,
     """Write config.json + model.safetensors (or shards + index above `max_shard_bytes`) to `path`.
 
     transformers loads the result as Qwen2ForCausalLM / Qwen3ForCausalLM. Files are written to a
-    temporary directory beside `path`; the old config.json is removed first and the new one moved
-    in last, so a directory with a config.json always holds a complete checkpoint.
+    temporary directory beside `path` (`export_temp_prefix`), removed on any failure; the old
+    config.json is removed first and the new one moved in last, so a directory with a config.json
+    always holds a complete checkpoint. A full disk raises DiskFullError; `path` is then unchanged.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {local_to_hf(name): t.detach().to(dtype or t.dtype).contiguous()
              for name, t in model.state_dict().items()}
     torch_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        names = write_weights(state, tmp, max_shard_bytes)
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(torch_dtype), indent=2))
-        (path / CONFIG_FILE).unlink(missing_ok=True)
-        for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
-            stale.unlink(missing_ok=True)
-        for name in [*names, CONFIG_FILE]:
-            os.replace(tmp / name, path / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with disk_full_reported(path, "its temporary files were removed and the directory was left as it was"):
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=export_temp_prefix(path), dir=path.parent))
+        try:
+            names = write_weights(state, tmp, max_shard_bytes)
+            (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_config(torch_dtype), indent=2))
+            replace_checkpoint_files(tmp, path, names)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_temp_prefix(path: Path) -> str:
+    """Name prefix of save_pretrained's temporary directory for `path` (beside it, hidden)."""
+    return f".{path.name}{EXPORT_TEMP_INFIX}"
+
+
+def replace_checkpoint_files(tmp: Path, path: Path, names: list[str]):
+    """Move the files written in `tmp` into `path`: config.json out first and in last."""
+    (path / CONFIG_FILE).unlink(missing_ok=True)
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    for name in [*names, CONFIG_FILE]:
+        os.replace(tmp / name, path / name)
 
 
 def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:

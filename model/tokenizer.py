@@ -1,10 +1,12 @@
 """Tokenizers: one small interface over two backends.
 
-- a real Qwen checkpoint directory: `tokenizer.json` (byte-level BPE, run by the `tokenizers`
-  library) plus `tokenizer_config.json` / `generation_config.json` for the special tokens;
-- the embedded default: a sentencepiece `tokenizer.model` trained by `train_tokenizer` on the
-  synthetic task (data/synthetic.py), with digits split one per token so that arithmetic is
-  learnable digit by digit, and byte fallback so that any text can be encoded.
+- `tokenizer.json` (byte-level BPE, run by the `tokenizers` library) plus `tokenizer_config.json` /
+  `generation_config.json` for the special tokens: a real Qwen checkpoint directory, and the
+  embedded default, which `train_tokenizer` trains on the synthetic task (data/synthetic.py) with
+  digits split one per token so that arithmetic is learnable digit by digit. transformers'
+  `AutoTokenizer` loads either directory and gives the same ids;
+- a sentencepiece `tokenizer.model`: what `train_tokenizer` wrote before it moved to `tokenizer.json`,
+  so that tokenizer directories of earlier runs still load.
 
 Both speak ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`), rendered here in plain Python rather
 than by a jinja chat template, so the exact prompt string is visible in one function.
@@ -12,7 +14,6 @@ Neither adds a BOS token: Qwen has none.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,19 @@ from typing import Iterable
 
 import sentencepiece as spm
 import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from model.checkpoint import require_directory
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 CHAT_ROLES = ("system", "user", "assistant")
 # Qwen2.5's chat template inserts this system message when the conversation has none.
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# chatml_segments as a jinja template (no default system message), for transformers' apply_chat_template.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
 
 
 def chatml_segments(messages: list[dict], default_system_prompt: str | None = None,
@@ -91,8 +99,12 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load `tokenizer.json` (HF, preferred when both exist) or `tokenizer.model` (sentencepiece)."""
-    path = Path(path)
+    """Load `tokenizer.json` (HF, preferred when both exist) or `tokenizer.model` (sentencepiece).
+
+    A missing directory is a FileNotFoundError "tokenizer directory X not found"; an unreadable file
+    a ValueError naming the file and the cause.
+    """
+    path = require_directory(path, "tokenizer")
     if (path / "tokenizer.json").exists():
         return _load_hf(path)
     if (path / "tokenizer.model").exists():
@@ -100,13 +112,28 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not valid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
 def _read_json(file: Path) -> dict:
     if not file.exists():
         return {}
     try:
-        return json.loads(file.read_text())
+        config = json.loads(_read_text(file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: line {e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _token_string(value, file: Path, field: str) -> str | None:
@@ -131,7 +158,11 @@ def _stop_ids(special: dict[str, int], eos_id: int, extra: Iterable[int] = ()) -
 
 
 def _load_hf(path: Path) -> Tokenizer:
-    backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    file = path / "tokenizer.json"
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # the library raises a bare Exception for any parse error
+        raise ValueError(f"{file}: unreadable tokenizer.json ({_first_line(e)})") from None
     special = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
     config_file = path / "tokenizer_config.json"
     config = _read_json(config_file)
@@ -146,7 +177,7 @@ def _load_hf(path: Path) -> Tokenizer:
         raise ValueError(f"{generation_file}: field 'eos_token_id' must be an int or a list of ints, got {extra!r}")
     # The template may live in tokenizer_config.json or in chat_template.jinja (newer checkpoints);
     # the sentence has no characters that JSON escapes, so a substring test on the raw text is exact.
-    template_text = "".join(f.read_text() for f in (config_file, path / "chat_template.jinja") if f.exists())
+    template_text = "".join(_read_text(f) for f in (config_file, path / "chat_template.jinja") if f.exists())
     default_system = QWEN25_DEFAULT_SYSTEM if QWEN25_DEFAULT_SYSTEM in template_text else None
     vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
     return Tokenizer(backend, vocab_size, special, eos_id, pad_id, _stop_ids(special, eos_id, extra),
@@ -154,37 +185,47 @@ def _load_hf(path: Path) -> Tokenizer:
 
 
 def _load_sentencepiece(path: Path) -> Tokenizer:
-    backend = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    file = path / "tokenizer.model"
+    try:
+        backend = spm.SentencePieceProcessor(model_file=str(file))
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{file}: unreadable sentencepiece model ({_first_line(e)})") from None
     special = {t: backend.piece_to_id(t) for t in SPECIAL_TOKENS if backend.piece_to_id(t) != backend.unk_id()}
     if ENDOFTEXT not in special:
-        raise ValueError(f"{path / 'tokenizer.model'}: has no {ENDOFTEXT} piece; train it with train_tokenizer")
+        raise ValueError(f"{file}: has no {ENDOFTEXT} piece; train a tokenizer with train_tokenizer")
     eos_id = special[ENDOFTEXT]
     return Tokenizer(backend, backend.get_piece_size(), special, eos_id, eos_id, _stop_ids(special, eos_id),
                      None, str(path))
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int) -> Tokenizer:
-    """Train a sentencepiece BPE on `texts`, write `out_dir/tokenizer.model`, and load it.
+    """Train a byte-level BPE on `texts`, write `out_dir/tokenizer.json` + `tokenizer_config.json`, load it.
 
     Chosen so that decode(encode(x)) == x and arithmetic is learnable:
-    - identity normalisation, no whitespace collapsing, no dummy-prefix space: text is kept exactly;
-    - "\\n" is a user-defined symbol, one token always (solutions are line-structured);
-    - split_digits: every digit is its own token, so "48" is "4", "8" as in Qwen's pre-tokenizer;
-    - byte fallback: characters never seen in training still encode (as UTF-8 byte tokens);
-    - the ChatML specials are user-defined symbols (ids 1, 2, 3; id 0 is <unk>), no BOS/EOS added.
-    `vocab_size` is an upper bound: a small corpus may yield fewer pieces (hard_vocab_limit off).
-    One thread and the corpus in the given order make the model file a function of the texts.
+    - no normalisation, bytes as the base alphabet: any text encodes and decodes back exactly;
+    - "\\n" is split off before anything else, one token always (solutions are line-structured);
+    - digits are split one per token, so "48" is "4", "8" as in Qwen's pre-tokenizer;
+    - words then split as GPT-2's byte-level BPE does (a word keeps its leading space);
+    - the ChatML specials are ids 0, 1, 2 (<|endoftext|> is eos and pad), no BOS/EOS added.
+    `vocab_size` is an upper bound: a small corpus may run out of merges first. The model file is a
+    function of the texts (the trainer breaks ties by pair, not by thread timing).
+    The directory is a complete HF tokenizer: transformers' AutoTokenizer gives our ids and chat string.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        user_defined_symbols=[*SPECIAL_TOKENS, "\n"], unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        hard_vocab_limit=False, max_sentence_length=1 << 20, num_threads=1, minloglevel=2)
-    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
+              "bos_token": None, "unk_token": None, "chat_template": CHATML_TEMPLATE,
+              "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return load_tokenizer(out_dir)
 
 

@@ -229,6 +229,14 @@ def test_error_missing_config(checkpoint):
         load_pretrained(checkpoint)
 
 
+def test_error_missing_directory_is_reported_as_such(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"^model directory {tmp_path / 'nope'} not found$"):
+        load_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("{}")
+    with pytest.raises(ValueError, match=f"^model directory {tmp_path / 'file'} is a file, not a directory$"):
+        load_pretrained(tmp_path / "file")
+
+
 def test_error_missing_weights_and_missing_shard(checkpoint):
     (checkpoint / WEIGHTS_FILE).rename(checkpoint / "part-1.safetensors")
     with pytest.raises(FileNotFoundError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):
