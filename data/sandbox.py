@@ -1,92 +1,68 @@
-"""Run untrusted, model-written Python programs in separate, resource-limited processes.
-
-Each program runs in its own Python subprocess (never `exec` in the caller), started with `-I`
-(isolated mode: no user site, no PYTHON* variables) and a short BOOTSTRAP that applies the limits:
-  * wall-clock timeout; on expiry the whole process group is SIGKILLed;
-  * rlimits: CPU seconds (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE, which
-    also caps its stdout/stderr: both go to files in its directory), process count (RLIMIT_NPROC);
-  * a fresh temporary working directory, removed afterwards; closed stdin; an environment that
-    holds only PATH/LANG/HOME, so none of the parent's variables (tokens, keys) leak in;
-  * a light "reliability guard" (after HumanEval's): os.kill, os.fork, os.system, os.remove ...
-    are set to None, which also disables shutil.rmtree. Defence in depth only: `import posix` or
-    `subprocess` get around it. The process and rlimit isolation is the boundary.
-
-Root. Linux never applies RLIMIT_NPROC to uid 0, and a root child could signal its parent, read
-its /proc/<pid>/environ or delete any file. So when the grader runs as root, each program runs
-under its own unprivileged uid from a pool (SANDBOX_UIDS, minus uids that name real accounts):
-the process-count limit then holds, and the program cannot touch root's files or processes. After
-the run every live process of that uid is SIGKILLed, which also catches children that left the
-process group with setsid(). The unprivileged uid may not be able to reach the grader's own
-interpreter (e.g. under /root, mode 700), so the programs then run on the first python3 on
-SYSTEM_PATH that every user can execute (standard library only, maybe another Python version).
-As a non-root user, programs run as that user: RLIMIT_NPROC counts all of the user's processes
-(so it still caps a fork bomb), but only the guard stands between a determined program and the
-user's files and processes, and cleanup is the process-group kill.
-
-Passing. Exit status 0 alone proves nothing: `sys.exit(0)` or `os._exit(0)` before the asserts
-also exits 0. `run_program` therefore appends a line that prints a random per-run nonce and counts
-the program as `completed` only when it exits 0 AND the nonce is on its stdout, i.e. execution
-reached the last line. A program that deliberately reads its own source could still print the
-nonce; this guards against early exits, not against a model written to cheat the checker.
-"""
+"""DOCSTRING"""
+import fcntl
 import functools
+import logging
 import math
 import os
 import pwd
 import queue
-import secrets
+import re
+import selectors
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from data import sandbox_child
+from data.sandbox_child import ProtocolError, decode, encode, write_all
+
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 SANDBOX_UIDS = range(64000, 64256)  # a block below 65534 (nobody) so it exists in user namespaces
-OUTPUT_KEPT = 4096  # characters of stdout/stderr kept in a SandboxResult
-
-# Runs inside the child before the program: lower the rlimits (hard = soft, so the program cannot
-# raise them again), disable the dangerous os helpers, then run the program as __main__. Only
-# modules the interpreter has already loaded are touched: importing more (runpy, subprocess, shutil)
-# would double the start-up time of every program.
-BOOTSTRAP = """
-import os, resource, sys
-path, cpu, memory, nproc, fsize = sys.argv[1], *map(int, sys.argv[2:])
-for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory),
-                     (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_FSIZE, fsize)):
-    resource.setrlimit(limit, (value, value))
-for name in ("kill", "killpg", "fork", "forkpty", "system", "popen", "execv", "execve", "spawnv", "putenv",
-             "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-             "chmod", "chown", "setuid"):
-    setattr(os, name, None)
-sys.argv = [path]
-with open(path) as f:
-    code = compile(f.read(), path, "exec")
-exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
-"""
+UID_LOCK_DIR = "/run/srlm-sandbox-uids" if os.path.isdir("/run") else "/var/lock/srlm-sandbox-uids"
+OUTPUT_KEPT = 4096  # characters of stdout/stderr kept in a result
+CHILD_SOURCE = Path(sandbox_child.__file__).read_text()
+# Bound read-only into an isolated sandbox (those that exist), with the interpreter's own prefix.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DRAIN_S = 1.0  # after the kill, how long to wait for the pipes' last bytes
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 5.0           # wall clock (HumanEval's slowest canonical solution: ~1 s under load;
-                                     # its harness uses 3 s); the CPU-time limit is this rounded up, plus 1 s
-    memory_bytes: int = 2 << 30      # address space (RLIMIT_AS)
+    timeout_s: float = 5.0           # wall clock for the whole run (HumanEval's slowest canonical solution:
+                                     # ~1 s under load; its harness uses 3 s); CPU limit: this rounded up + 1 s
+    memory_bytes: int = 2 << 30      # address space (RLIMIT_AS) of each process
     max_processes: int = 32          # RLIMIT_NPROC (threads count too)
-    max_file_bytes: int = 1 << 20    # any file it writes, stdout and stderr included
+    max_file_bytes: int = 1 << 20    # any file it writes (RLIMIT_FSIZE), and each of stdout and stderr
+    disk_bytes: int = 32 << 20       # isolated: the tmpfs that holds /tmp, /var/tmp, /dev/shm and the scratch dir
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    completed: bool      # exit status 0 and the end-of-program nonce printed
-    returncode: int      # negative: killed by that signal
+    completed: bool         # exited with status 0 within the limits (what a program's exit status is worth:
+                            # it proves nothing about its correctness; see run_check)
+    returncode: int         # negative: killed by that signal
     timed_out: bool
-    stdout: str          # first OUTPUT_KEPT characters
-    stderr: str          # last OUTPUT_KEPT characters (where the traceback is)
+    output_exceeded: bool   # stdout or stderr went over max_file_bytes and the program was killed
+    stdout: str             # first OUTPUT_KEPT characters
+    stderr: str             # last OUTPUT_KEPT characters (where the traceback is)
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    passed: bool     # the trusted runner's check(candidate) returned normally
+    timed_out: bool
+    note: str        # "passed", "timed out" or "failed: <why>"
+    stdout: str      # the candidate process's, first OUTPUT_KEPT characters
+    stderr: str      # the candidate process's, last OUTPUT_KEPT characters
     wall_s: float
 
 
@@ -98,7 +74,7 @@ def _world_executable(path: str) -> bool:
 
 @functools.cache
 def _find_interpreter() -> str:
-    """The interpreter for sandboxed programs (see the module docstring: the root case).
+    """The interpreter for sandboxed programs (see the module docstring: root).
 
     As root, also checks that the sandbox uids can reach the temporary directory: otherwise every
     program would fail to start and score 0 without a word.
@@ -115,112 +91,405 @@ def _find_interpreter() -> str:
                        f"{SYSTEM_PATH}; {sys.executable} is not (a parent directory lacks o+x)")
 
 
-def _free_uids() -> queue.SimpleQueue:
-    """The sandbox uids that name no real account. First in, first out: a uid comes back into use
-    only after all the others, long after the zombies of its last program have been reaped."""
-    free = queue.SimpleQueue()
-    for uid in SANDBOX_UIDS:
-        try:
-            pwd.getpwuid(uid)
-        except KeyError:
-            free.put(uid)
-    return free
+@functools.cache
+def _bind_dirs() -> tuple[str, ...]:
+    """SYSTEM_DIRS that exist, plus the interpreter's prefix when none of them holds it."""
+    dirs = [d for d in SYSTEM_DIRS if os.path.lexists(d)]
+    prefixes = {Path(os.path.realpath(_find_interpreter())).parents[1]}
+    if _find_interpreter() == sys.executable:
+        prefixes.add(Path(sys.base_prefix).resolve())
+    for prefix in sorted(prefixes):
+        if not any(prefix == Path(d) or Path(d) in prefix.parents for d in dirs):
+            dirs.append(str(prefix))
+    return tuple(dirs)
 
 
-FREE_UIDS = _free_uids() if os.geteuid() == 0 else None
+class _UidPool:
+    """The sandbox uids that name no real account, each claimed with an flock on its own lock file while
+    in use, so that two graders on one machine never share a uid (one's cleanup would kill the other's
+    programs, and their candidates could signal each other). First in, first out: a uid comes back
+    into use only after all the others, long after the zombies of its last program have been reaped."""
+
+    def __init__(self):
+        os.makedirs(UID_LOCK_DIR, mode=0o700, exist_ok=True)
+        self.free, self.locks = queue.SimpleQueue(), {}
+        for uid in SANDBOX_UIDS:
+            try:
+                pwd.getpwuid(uid)
+            except KeyError:
+                self.free.put(uid)
+
+    def take(self) -> int:
+        while True:
+            uid = self.free.get()
+            lock = os.open(uid_lock_path(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another grader's; try the next one
+                os.close(lock)
+                self.free.put(uid)
+                continue
+            self.locks[uid] = lock
+            return uid
+
+    def give_back(self, uid: int):
+        os.close(self.locks.pop(uid))  # releases the flock
+        self.free.put(uid)
+
+
+def uid_lock_path(uid: int) -> str:
+    return os.path.join(UID_LOCK_DIR, f"{uid}.lock")
+
+
+UIDS = _UidPool() if os.geteuid() == 0 else None
 
 
 def _live_uid(pid: int) -> int | None:
     """Real uid of a running process; None once it has exited or is a zombie waiting to be reaped."""
     try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY)
     except OSError:
         return None
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    return None if fields["State"].strip().startswith("Z") else int(fields["Uid"].split()[0])
+    try:
+        status = os.read(fd, 4096)  # State and Uid are among the first lines
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    state, uid = status.find(b"\nState:"), status.find(b"\nUid:")
+    if state < 0 or uid < 0 or status[state + 7:].lstrip().startswith(b"Z"):
+        return None
+    return int(status[uid + 5:].split(None, 1)[0])
 
 
-def _kill_uid(uid: int):
-    """SIGKILL every process of `uid`, including ones that left the process group (setsid).
+def _kill_uids(uids: list[int]):
+    """SIGKILL every process of these uids, including ones that left the process group (setsid).
 
     A pidfd pins the process before its uid is checked, so a pid recycled between the /proc scan
     and the kill never takes the signal. Repeats until a fork bomb has nothing left.
     """
-    while pids := [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _live_uid(pid) == uid]:
+    while pids := [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if _live_uid(pid) in uids]:
         for pid in pids:
             try:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError:
                 continue
             try:
-                if _live_uid(pid) == uid:
+                if _live_uid(pid) in uids:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             finally:
                 os.close(pidfd)
         time.sleep(0.005)
 
 
-def run_program(source: str, limits: Limits = Limits()) -> SandboxResult:
-    """Run `source` as a fresh program under `limits` (see the module docstring)."""
-    interpreter = _find_interpreter()
-    uid = FREE_UIDS.get() if FREE_UIDS is not None else None
-    workdir = Path(tempfile.mkdtemp(prefix="srlm-sandbox-"))
-    try:
-        return _run_in(workdir, source, limits, interpreter, uid)
-    finally:
-        if uid is not None:
-            _kill_uid(uid)
-            FREE_UIDS.put(uid)
-        shutil.rmtree(workdir, ignore_errors=True)
+# ---------------------------------------------------------------- isolation
+
+ISOLATION_ORDER = {True: ("root", "userns"), False: ("userns",)}  # by "running as root"
+_isolation_lock = threading.Lock()
 
 
-def _run_in(workdir: Path, source: str, limits: Limits, interpreter: str, uid: int | None) -> SandboxResult:
-    nonce = secrets.token_hex(16)
-    program = workdir / "program.py"
-    program.write_text(f"{source}\n\nprint({nonce!r}, flush=True)\n")
-    if uid is not None:
-        for path in (workdir, program):
-            os.chown(path, uid, uid)
-    cpu_s = math.ceil(limits.timeout_s) + 1
-    argv = [interpreter, "-I", "-c", BOOTSTRAP, str(program), str(cpu_s), str(limits.memory_bytes),
-            str(limits.max_processes), str(limits.max_file_bytes)]
-    user = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-    start = time.perf_counter()
-    with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
-        process = subprocess.Popen(argv, cwd=workdir, env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": str(workdir)},
-                                   stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True, **user)
-        try:
-            process.wait(timeout=limits.timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill_group(process.pid)
+@functools.cache
+def isolation_works(mode: str) -> bool:
+    """Whether a program can run isolated in `mode` here: "root" (namespaces set up as root) or
+    "userns" (inside an unprivileged user namespace)."""
+    result = _run_program(f"import os\nassert os.getcwd() == {sandbox_child.SCRATCH!r}\n", Limits(), mode)
+    if not result.completed:
+        failure = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        log.debug("sandbox isolation %r unavailable: %s", mode, failure)
+    return result.completed
+
+
+@functools.cache
+def _choose_isolation() -> str:
+    for mode in ISOLATION_ORDER[os.geteuid() == 0]:
+        if isolation_works(mode):
+            return mode
+    log.warning("sandbox: no namespace isolation (needs root with CAP_SYS_ADMIN or unprivileged user "
+                "namespaces): sandboxed programs share the network, /tmp, /dev/shm and the filesystem view "
+                "of the %s", "sandbox uid" if os.geteuid() == 0 else "grader's user")
+    return "none"
+
+
+def isolation() -> str:
+    """How programs are isolated here, chosen once: the first mode of ISOLATION_ORDER that works, else
+    "none" (uid and rlimits only; see the module docstring)."""
+    with _isolation_lock:
+        return _choose_isolation()
+
+
+# ---------------------------------------------------------------- one run: processes, pipes, cleanup
+
+class _Capture:
+    """What came through one pipe: the first `keep` bytes, or the last ones (`tail`), and the total."""
+
+    def __init__(self, keep: int = OUTPUT_KEPT, tail: bool = False):
+        self.keep, self.tail, self.total, self.data = keep, tail, 0, bytearray()
+
+    def add(self, chunk: bytes):
+        self.total += len(chunk)
+        if self.tail:
+            self.data = (self.data + chunk)[-self.keep:]
+        elif len(self.data) < self.keep:
+            self.data += chunk[:self.keep - len(self.data)]
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+class _Run:
+    """The processes of one sandboxed run, each under its own uid (root) in its own namespaces
+    (isolated), their pipes read through captures, and everything killed and removed on exit."""
+
+    def __init__(self, limits: Limits, mode: str):
+        self.limits, self.mode = limits, mode
+        self.start = time.perf_counter()
+        self.deadline = self.start + limits.timeout_s
+        self.processes, self.uids, self.workdirs, self.fds = [], [], [], []
+        self.captures: dict[int, _Capture] = {}
+        self.killed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.killed:
+            self.kill()
+        for process in self.processes:
             process.wait()
-    stdout, stderr = ((workdir / name).read_bytes().decode("utf-8", errors="replace") for name in ("stdout", "stderr"))
-    completed = not timed_out and process.returncode == 0 and nonce in stdout
-    return SandboxResult(completed=completed, returncode=process.returncode, timed_out=timed_out,
-                         stdout=stdout.replace(nonce, "")[:OUTPUT_KEPT], stderr=stderr[-OUTPUT_KEPT:],
-                         wall_s=time.perf_counter() - start)
+        for fd in self.fds:
+            os.close(fd)
+        for uid in self.uids:
+            UIDS.give_back(uid)
+        for workdir in self.workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def pipe(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe()
+        self.fds += [read_end, write_end]
+        return read_end, write_end
+
+    def close(self, *fds: int):
+        for fd in fds:
+            self.fds.remove(fd)
+            os.close(fd)
+
+    def launch(self, role: str, payload, fds: dict[str, int], merge_stderr: bool = False) -> subprocess.Popen:
+        """Start `role` (see data/sandbox_child.py) with `payload` on its source pipe and `fds` passed on."""
+        uid = UIDS.take() if UIDS is not None else None
+        workdir = Path(tempfile.mkdtemp(prefix="srlm-sandbox-"))
+        self.workdirs.append(workdir)
+        if uid is not None:
+            self.uids.append(uid)
+            os.chown(workdir, uid, uid)
+        source_read, source_write = self.pipe()
+        config = dict(role=role, uid=uid, isolation=self.mode, mountpoint=str(workdir), binds=_bind_dirs(),
+                      disk_bytes=self.limits.disk_bytes, rlimits=self._rlimits(), fds=fds)
+        home = sandbox_child.SCRATCH if self.mode != "none" else str(workdir)
+        process = subprocess.Popen(
+            [_find_interpreter(), "-I", "-c", CHILD_SOURCE, str(source_read)], cwd=workdir,
+            env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": home}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            pass_fds=[source_read, *fds.values()], start_new_session=True)
+        self.processes.append(process)
+        self.close(source_read)
+        try:
+            write_all(source_write, encode((config, payload)))
+        except BrokenPipeError:  # it died before reading: its exit status and stderr tell why
+            pass
+        self.close(source_write)
+        return process
+
+    def _rlimits(self) -> dict[str, int]:
+        cpu_s = math.ceil(self.limits.timeout_s) + 1
+        return {"RLIMIT_CPU": cpu_s, "RLIMIT_AS": self.limits.memory_bytes,
+                "RLIMIT_NPROC": self.limits.max_processes, "RLIMIT_FSIZE": self.limits.max_file_bytes}
+
+    def capture(self, fd: int, keep: int = OUTPUT_KEPT, tail: bool = False) -> _Capture:
+        """Read the pipe `fd` (its read end, ours) into a capture."""
+        self.captures[fd] = _Capture(keep, tail)
+        return self.captures[fd]
+
+    def capture_stream(self, stream, tail: bool = False) -> _Capture:
+        """Capture a Popen pipe (stdout/stderr): the child holds its only other end."""
+        fd = os.dup(stream.fileno())
+        stream.close()
+        self.fds.append(fd)
+        return self.capture(fd, tail=tail)
+
+    def pump(self, stop_fd: int) -> str:
+        """Read the captured pipes until `stop_fd` is done (a pipe at EOF, a pidfd readable: its
+        process exited), the deadline passes or an output goes over max_file_bytes.
+        Returns "done", "timed out" or "output exceeded"."""
+        with selectors.DefaultSelector() as selector:
+            for fd in {*self.captures, stop_fd}:
+                selector.register(fd, selectors.EVENT_READ)
+            while (remaining := self.deadline - time.perf_counter()) > 0:
+                for key, _ in selector.select(remaining):
+                    if self._read(key.fd, selector) and key.fd == stop_fd:
+                        return "done"
+                    if any(c.total > self.limits.max_file_bytes for c in self.captures.values()):
+                        return "output exceeded"
+            return "timed out"
+
+    def _read(self, fd: int, selector) -> bool:
+        """Read what `fd` has into its capture; True at EOF (then it is no longer watched), and for a
+        pidfd, which is only ever readable once its process has exited."""
+        if fd not in self.captures:
+            return True
+        chunk = os.read(fd, 1 << 16)
+        if chunk:
+            self.captures[fd].add(chunk)
+            return False
+        selector.unregister(fd)
+        return True
+
+    def kill(self):
+        """SIGKILL each process group and (root) every process of the run's uids, then read the pipes
+        to their end: all writers are dead, so EOF comes at once unless an escapee still holds one."""
+        self.killed = True
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole group has already exited
+                pass
+        if self.uids:
+            _kill_uids(self.uids)
+        self._drain()
+
+    def _drain(self):
+        deadline = time.perf_counter() + DRAIN_S
+        with selectors.DefaultSelector() as selector:
+            for fd in self.captures:
+                selector.register(fd, selectors.EVENT_READ)
+            while selector.get_map() and (remaining := deadline - time.perf_counter()) > 0:
+                for key, _ in selector.select(remaining):
+                    self._read(key.fd, selector)
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.start
 
 
-def _kill_group(pgid: int):
+# ---------------------------------------------------------------- programs
+
+def run_program(source: str, limits: Limits = Limits()) -> SandboxResult:
+    """Run `source` as a fresh program under `limits` (see the module docstring). Its exit status
+    says nothing trustworthy about what it computed: grade code with run_check."""
+    return _run_program(source, limits, isolation())
+
+
+def _run_program(source: str, limits: Limits, mode: str) -> SandboxResult:
+    with _Run(limits, mode) as run:
+        process = run.launch("program", source, {})
+        stdout, stderr = run.capture_stream(process.stdout), run.capture_stream(process.stderr, tail=True)
+        pidfd = os.pidfd_open(process.pid)
+        try:
+            outcome = run.pump(pidfd)
+        finally:
+            os.close(pidfd)
+        run.kill()
+        returncode = process.wait()
+    return SandboxResult(completed=outcome == "done" and returncode == 0, returncode=returncode,
+                         timed_out=outcome == "timed out", output_exceeded=outcome == "output exceeded",
+                         stdout=stdout.text(), stderr=stderr.text(), wall_s=run.wall_s())
+
+
+# ---------------------------------------------------------------- checks
+
+def run_check(prompt: str, code: str, test: str, entry_point: str, limits: Limits = Limits()) -> CheckResult:
+    """Grade `code`, the completion of `prompt`, against `test`'s check(candidate).
+
+    The candidate process runs prompt + code and answers calls to `entry_point`; a separate runner
+    process runs prompt + test (trusted code only) and calls check() with a proxy that forwards each
+    call over a pipe. Passed means the runner's check returned normally, reported on a pipe that
+    only the runner holds.
+    """
+    with _Run(limits, isolation()) as run:
+        requests_read, requests_write = run.pipe()
+        replies_read, replies_write = run.pipe()
+        verdict_read, verdict_write = run.pipe()
+        candidate = run.launch("candidate", (prompt + code, entry_point),
+                               {"requests": requests_read, "replies": replies_write})
+        runner = run.launch("runner", (trusted_prelude(prompt, entry_point), test, entry_point),
+                            {"requests": requests_write, "replies": replies_read, "verdict": verdict_write},
+                            merge_stderr=True)
+        run.close(requests_read, requests_write, replies_read, replies_write, verdict_write)
+        stdout, stderr = run.capture_stream(candidate.stdout), run.capture_stream(candidate.stderr, tail=True)
+        runner_output = run.capture_stream(runner.stdout, tail=True)
+        verdict_capture = run.capture(verdict_read, keep=1 << 16)
+        outcome = run.pump(verdict_read)
+        verdict = _decode_verdict(verdict_capture.data)
+        if outcome == "done" and verdict != ("passed",):
+            _wait_briefly(candidate, run.deadline)  # so a candidate that died is told from one that broke off
+        candidate_status = candidate.poll()
+        run.kill()
+    note = _check_note(outcome, verdict, candidate_status, stderr.text(), runner_output.text())
+    return CheckResult(passed=note == "passed", timed_out=outcome == "timed out", note=note,
+                       stdout=stdout.text(), stderr=stderr.text(), wall_s=run.wall_s())
+
+
+def trusted_prelude(prompt: str, entry_point: str) -> str:
+    """What the runner takes from the prompt: its text before the entry point's `def` line (imports and
+    helpers such as HumanEval/32's poly, which the check calls: the prompt's, whatever the completion
+    redefines); all of it when it has no such line. The def itself is left out, since a prompt that
+    ends on a bare `def f(x):` line is not valid Python alone."""
+    starts = [m.start() for m in re.finditer(rf"^def {re.escape(entry_point)}\s*\(", prompt, re.MULTILINE)]
+    return prompt[:starts[-1]] if starts else prompt
+
+
+def _decode_verdict(data: bytes):
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:  # the whole group has already exited
+        return decode(data[4:]) if len(data) >= 4 else None
+    except ProtocolError:
+        return None
+
+
+def _wait_briefly(process: subprocess.Popen, deadline: float):
+    try:
+        process.wait(timeout=max(0.0, min(DRAIN_S, deadline - time.perf_counter())))
+    except subprocess.TimeoutExpired:
         pass
 
 
+def _check_note(outcome: str, verdict, candidate_status: int | None, candidate_stderr: str,
+                runner_output: str) -> str:
+    if outcome != "done":
+        return outcome if outcome == "timed out" else "failed: output over the size limit"
+    if verdict == ("passed",):
+        return "passed"
+    if isinstance(verdict, tuple) and len(verdict) == 2 and verdict[0] == "failed":
+        return f"failed: {verdict[1]}"
+    if isinstance(verdict, tuple) and len(verdict) == 2 and verdict[0] == "lost":
+        return f"failed: {_candidate_failure(candidate_status, candidate_stderr, verdict[1])}"
+    return f"failed: no verdict from the check's runner: {_last_line(runner_output) or 'no output'}"
+
+
+def _candidate_failure(status: int | None, stderr: str, protocol_error: str) -> str:
+    if status is None:
+        return f"the candidate process broke off ({protocol_error})"
+    return _last_line(stderr) or f"the candidate process exited with status {status}"
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1][:200] if lines else ""
+
+
+# ---------------------------------------------------------------- many at once
+
 def default_workers() -> int:
-    """Two programs per core: each spends part of its life starting up and being cleaned up."""
+    """Two runs per core: each spends part of its life starting up and being cleaned up."""
     return 2 * (os.cpu_count() or 1)
 
 
-def run_many(sources: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[SandboxResult]:
-    """run_program over many sources, `workers` at a time (default: default_workers()), in input order.
+def in_parallel(function, items: list, workers: int | None = None) -> list:
+    """function over items, `workers` at a time (default: default_workers()), in input order.
 
-    Threads suffice: each only waits on its subprocess.
+    Threads suffice: each only waits on its subprocesses.
     """
-    workers = workers or default_workers()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda source: run_program(source, limits), sources))
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        return list(pool.map(function, items))
+
+
+def run_many(sources: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[SandboxResult]:
+    """run_program over many sources, `workers` at a time, in input order."""
+    return in_parallel(lambda source: run_program(source, limits), sources, workers)
