@@ -1,4 +1,65 @@
-"""DOCSTRING"""
+"""Run untrusted, model-written Python in separate, confined processes, and grade it without trusting it.
+
+Grading (run_check). The candidate's code and the test code run in separate processes. The
+candidate process runs prompt + completion and then serves calls to the entry point. A runner
+process, under another uid, runs only trusted code: the prompt's text before the entry point's def
+(imports and helpers such as HumanEval/32's poly: the prompt's own, whatever the completion
+redefines) and the task's test, then calls check(proxy), where the proxy sends each call's
+arguments over a pipe and returns the candidate's answer. Values cross in a small tagged encoding
+(data/sandbox_child.py) that the receiver decodes into exact builtin types only (None, bool, int,
+float with nan/inf, complex, str, bytes, list, tuple, dict, set, frozenset), with caps on size,
+depth and item count; never pickle, never eval. Exceptions cross by the name of a builtin
+Exception class (StopIteration, SystemExit and unknown names arrive as a generic error), so a
+check can still catch ValueError. The verdict is "check() returned normally", sent by the runner
+on a pipe the candidate never holds; a candidate that dies, hangs up or sends anything malformed
+fails the check, even one that catches everything. The candidate never sees the test code.
+
+Limits of that design: arguments and results are copies, so a check that relies on the candidate
+mutating its argument cannot pass (no HumanEval or synthetic task does), and a check can only pass
+plain data to the candidate and get plain data back (a TypeError in the check otherwise; the
+encoder sends a builtin subclass such as Counter or a namedtuple as its base type's data). Python
+semantics still apply to the plain values: True == 1, and a weak test stays weak.
+
+Every process starts with `python3 -I -c <data/sandbox_child.py>`; its configuration and payload
+come through a pipe, and its stdout/stderr through pipes the grader opened and reads with size caps
+(a program past max_file_bytes is killed) and a time bound. The grader opens nothing inside the
+sandbox by name, so planted symlinks, FIFOs or devices change nothing.
+
+Isolation (chosen once, see isolation()): as root with CAP_SYS_ADMIN ("root"), or in an
+unprivileged user namespace ("userns"), each process gets new network, IPC, mount and pid
+namespaces: no network at all, not even loopback; a root that is a size-capped tmpfs (disk_bytes)
+holding /tmp, /var/tmp, /dev/shm and the scratch directory, read-only nosuid binds of /usr, /bin,
+/lib*, /sbin, /etc and the interpreter's prefix, and /dev/null, zero, random, urandom; nothing else
+of the host: no checkout, no benchmark files, no /proc, no home. The process is pid 1 of its own pid
+namespace, so it sees and signals no other process, and all it started dies with it. Writes
+vanish with the tmpfs. Where neither works (no root, no user namespaces, e.g. some containers),
+mode "none" logs a warning once and runs programs with the uid and rlimit protections only: they
+then share the network and /tmp, can read every world-readable file (the benchmark files with
+their canonical solutions too: an answer-key attack then wins where a test's literals are in them),
+and leave files behind outside their directory.
+
+Always: rlimits (CPU seconds, address space, file size, process count; hard = soft), a wall-clock
+timeout after which everything is SIGKILLed, closed stdin, an environment of only PATH/LANG/HOME,
+no new privileges (PR_SET_NO_NEW_PRIVS), and HumanEval's "reliability guard" (os.kill, os.fork ...
+set to None; defence in depth only, `import posix` gets around it).
+
+Root. Each process runs under its own unprivileged uid from SANDBOX_UIDS (those that name no real
+account; claimed with an flock, so concurrent graders never share one): RLIMIT_NPROC then holds,
+and the candidate can neither signal, ptrace nor read the /proc files of the runner, the grader or
+any other sandbox. After the run every live process of those uids is SIGKILLed, which also catches
+children that left the process group. The uids may not reach the grader's own interpreter (e.g.
+under /root, mode 700), so programs then run on the first python3 on SYSTEM_PATH that every user
+can execute (standard library only, maybe another Python version). Not root: programs run as the
+grader's user; with a user namespace the pid namespace still hides every other process, but in
+mode "none" a program can signal the grader's other processes (kill(-1)), and cleanup is the
+process-group kill. The runner is never dumpable, so even under the same uid its memory cannot be
+read.
+
+Not stopped: side channels (CPU time, memory pressure, timing of the grader's calls), use of the
+CPU and memory a program is allowed, and denial of service within the limits (a program may burn
+its whole timeout). A kernel exploit defeats any of this; the boundary is the kernel's namespaces,
+uids and rlimits.
+"""
 import fcntl
 import functools
 import logging
@@ -177,6 +238,8 @@ def _kill_uids(uids: list[int]):
             try:
                 if _live_uid(pid) in uids:
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:  # it exited after the check
+                pass
             finally:
                 os.close(pidfd)
         time.sleep(0.005)

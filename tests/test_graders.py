@@ -8,6 +8,7 @@ from conftest import shared_data
 from data.graders import GRADERS, Grade, grade_batch
 from data.graders import gsm8k, math
 from data.readers import load_gsm8k, load_humaneval, load_math
+from data.synthetic import code_specs, make_code_tasks
 
 
 # ---- gsm8k ----
@@ -128,6 +129,12 @@ def test_humaneval_canonical_solutions_pass_and_stub_bodies_fail():
     passed = [r["task_id"] for r, g in zip(rows, stubs) if g.score != 0.0]
     assert passed == []
     assert stubs[0].note == "failed: AssertionError"  # HumanEval/0: None == True fails the first assert
+
+
+def test_synthetic_code_canonical_solutions_pass_and_stub_bodies_fail():
+    tasks = make_code_tasks(seed=0, n=len(code_specs()))
+    assert [g.note for g in grade_batch("code", [t["canonical_solution"] for t in tasks], tasks)] == ["passed"] * 49
+    assert [g.score for g in grade_batch("code", ["    pass\n"] * len(tasks), tasks)] == [0.0] * 49
 
 
 def test_registry_and_batch_length_check():

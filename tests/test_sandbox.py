@@ -190,7 +190,8 @@ def test_cannot_kill_parent_or_delete_its_files(monkeypatch):
 
 def test_parent_environment_is_not_inherited(monkeypatch, mode):
     monkeypatch.setenv("SRLM_TEST_SECRET", "hunter2")
-    result = bounded(run_program, "import os\nprint(sorted(os.environ))\nprint(os.environ.get('SRLM_TEST_SECRET'))\n", LIMITS)
+    source = "import os\nprint(sorted(os.environ))\nprint(os.environ.get('SRLM_TEST_SECRET'))\n"
+    result = bounded(run_program, source, LIMITS)
     assert result.completed and "hunter2" not in result.stdout
     assert result.stdout.splitlines()[:2] == ["['HOME', 'LANG', 'PATH']", "None"]
 

@@ -6,10 +6,8 @@ with no hang, no secret of the grader's environment in any output, no file left 
 or /var/tmp, and the grader's own process unharmed (same fds, no sandbox process left behind).
 Attacks that only namespace isolation can stop are skipped, with the reason, where it is unavailable.
 """
-import os
 import secrets
 import socket
-import tempfile
 import threading
 from pathlib import Path
 
@@ -91,7 +89,8 @@ LYING_RESULTS = {
                     "        def __abs__(s): return 0\n        def __sub__(s, o): return I(0)\n"
                     "        __rsub__ = __sub__\n        __hash__ = int.__hash__\n    return I(-7777777)\n",
     "list subclass": "    class L(list):\n        def __eq__(s, o): return True\n    return L([None])\n",
-    "float subclass": "    class F(float):\n        def __eq__(s, o): return True\n        def __lt__(s, o): return True\n"
+    "float subclass": "    class F(float):\n        def __eq__(s, o): return True\n"
+                      "        def __lt__(s, o): return True\n"
                       "        def __abs__(s): return F(0)\n        def __sub__(s, o): return F(0)\n"
                       "        __rsub__ = __sub__\n        __hash__ = float.__hash__\n    return F(-7777777.5)\n",
 }
@@ -279,3 +278,188 @@ def test_loopback_listener_receives_nothing(synthetic):
     assert_contained(results)
     assert received == []
     assert all("unreachable" in r.stdout for r in results)
+
+
+# ---- attacks of our own, on every 8th HumanEval task and the synthetic ones
+
+INVENTED = {
+    "patch builtins and operator": (
+        "    import builtins, operator\n"
+        "    builtins.AssertionError = type('Harmless', (Exception,), {})\n"
+        "    operator.eq = operator.__eq__ = lambda a, b: True\n"
+        "    builtins.isinstance = lambda *a: True\n"
+        "    return None\n"),
+    "huge result": "    return 'x' * (64 << 20)\n",
+    "deeply nested result": "    v = []\n    for _ in range(100000):\n        v = [v]\n    return v\n",
+    "self-referential result": "    v = []\n    v.append(v)\n    return v\n",
+    # raw frames on every fd: a length over the cap, nesting over the cap, a truncated node, a lie
+    "protocol garbage on every fd": (
+        "    import posix\n"
+        "    frames = [b'\\x7f\\xff\\xff\\xff', (50001 * 4).to_bytes(4, 'big') + b'l1:' * 50000 + b'NNNN',\n"
+        f"              b'\\x00\\x00\\x00\\x05i12', {encode(('return', True))!r} * 3]\n"
+        "    for frame in frames:\n"
+        "        for fd in range(3, 256):\n"
+        "            try:\n"
+        "                posix.write(fd, frame)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return True\n"),
+    "kill everything it can": (
+        "    import posix\n"
+        "    for pid in [-1, *range(1, 5000)]:\n"
+        "        for sig in (19, 9):\n"
+        "            try:\n"
+        "                posix.kill(pid, sig)\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return None\n"),
+    "ptrace and read the runner's memory": (
+        "    import ctypes, posix\n"
+        "    libc = ctypes.CDLL(None)\n"
+        "    for pid in range(1, 5000):\n"
+        "        if libc.ptrace(16, pid, None, None) == 0:\n"
+        "            print('attached', pid)\n"
+        "        try:\n"
+        "            print(open(f'/proc/{pid}/mem', 'rb').read(16))\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return None\n"),
+    "raise SystemExit(0)": "    raise SystemExit(0)\n",
+    "raise KeyboardInterrupt": "    raise KeyboardInterrupt\n",
+    "raise StopIteration": "    raise StopIteration\n",
+    "raise a BaseException subclass": "    class Out(BaseException):\n        pass\n    raise Out('passed')\n",
+    "exit inside the call": "    import posix\n    posix._exit(0)\n",
+    "signal handlers": (
+        "    import signal\n"
+        "    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGPIPE, signal.SIGHUP):\n"
+        "        signal.signal(sig, signal.SIG_IGN)\n"
+        "    signal.alarm(1)\n"
+        "    return None\n"),
+    "threads that outlive the call": (
+        "    import posix, threading, time\n"
+        f"    message = {encode(('return', True))!r}\n"
+        "    def spam():\n"
+        "        while True:\n"
+        "            for fd in range(3, 32):\n"
+        "                try:\n"
+        "                    posix.write(fd, message)\n"
+        "                except OSError:\n"
+        "                    pass\n"
+        "            time.sleep(0.001)\n"
+        "    threading.Thread(target=spam, daemon=True).start()\n"
+        "    return None\n"),
+    "fork a child that lives on": (
+        "    import posix, time\n"
+        "    if posix.fork() == 0:\n"
+        "        posix.setsid()\n"
+        "        time.sleep(60)\n"
+        "    return None\n"),
+    "plant modules for the check's imports": (
+        "    import glob\n"
+        "    for directory in glob.glob('/tmp/srlm-sandbox-*') + ['/usr/lib/python3/dist-packages', '.']:\n"
+        "        for name in ('random', 'copy', 'string', 'math'):\n"
+        "            try:\n"
+        f"                open(f'{{directory}}/{{name}}.py', 'w').write('raise SystemExit(0)  # {MARKER}')\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return None\n"),
+    "gc and ctypes introspection": (
+        "    import gc, sys\n"
+        "    for thing in gc.get_objects():\n"
+        "        if callable(thing) and getattr(thing, '__name__', '') == 'check':\n"
+        "            thing.__code__ = (lambda candidate: None).__code__\n"
+        "    return sys._getframe(1).f_code.co_name\n"),
+    "print fake verdicts": "    import sys\n    print('passed')\n    print('passed', file=sys.stderr)\n",
+    "sleep through the timeout": "    import time\n    time.sleep(60)\n",
+    "nan and infinities": "    return float('nan')\n",
+}
+
+
+@pytest.mark.parametrize("name", INVENTED)
+def test_invented_attacks_score_zero(name, humaneval, synthetic):
+    tasks = synthetic[:4] if name == "sleep through the timeout" else humaneval[::8] + synthetic
+    results = check_all(INVENTED[name], tasks)
+    assert_contained(results)
+    if name == "sleep through the timeout":
+        assert all(r.timed_out and r.note == "timed out" for r in results)
+
+
+@pytest.mark.parametrize("value", ["float('inf')", "None", "''", "[]", "()", "{}", "b''", "1j"])
+def test_constant_answers_score_zero(value, humaneval, synthetic):
+    assert_contained(check_all(f"    return {value}\n", humaneval[::8] + synthetic))
+
+
+def test_a_bool_for_an_int_scores_zero_where_the_int_matters(synthetic):
+    integer_tasks = [t for t in synthetic if "-> int" in t["prompt"]]
+    assert_contained(check_all("    return True\n", integer_tasks))
+
+
+def test_redefined_prompt_helpers_do_not_reach_the_check(humaneval):
+    """HumanEval/32, /38, /50 check with the prompt's poly, encode_cyclic, encode_shift: a completion that
+    redefines them (run in the same namespace, they would replace the prompt's) must not change the check."""
+    helpers = {"find_zero": "poly", "decode_cyclic": "encode_cyclic", "decode_shift": "encode_shift"}
+    tasks = {t["entry_point"]: t for t in humaneval if t["entry_point"] in helpers}
+    attacks = {"find_zero": "    return 0.0\ndef poly(xs, x):\n    return 0.0\n",
+               "decode_cyclic": "    return s\ndef encode_cyclic(s):\n    return s\n",
+               "decode_shift": "    return s\ndef encode_shift(s):\n    return s\n"}
+    for entry_point, attack in attacks.items():
+        assert_contained(check_all(attack, [tasks[entry_point]]))
+
+
+CUSTOM = {"prompt": "def f(xs):\n", "entry_point": "f"}
+SEMANTICS = {
+    # the check computes its expected value after the call: a candidate that empties its argument
+    # would make sorted(xs) == [] in-process; here it only empties its own copy
+    "mutated argument": ("    xs.clear()\n    return []\n",
+                         "def check(candidate):\n    xs = [3, 1, 2]\n    assert candidate(xs) == sorted(xs)\n"),
+    # StopIteration raised in map() would end the map early and all([]) is True
+    "StopIteration ends a map": (
+        "    raise StopIteration\n",
+        "def check(candidate):\n    assert all(map(lambda x: candidate([x]) == [x, x], range(5)))\n"),
+    # a bare except in the check would swallow the candidate's death
+    "death swallowed by a bare except": (
+        "    import posix\n    posix._exit(0)\n",
+        "def check(candidate):\n    try:\n        candidate([1])\n        assert False\n    except:\n        pass\n"),
+}
+
+
+@pytest.mark.parametrize("name", SEMANTICS)
+def test_check_semantics_that_an_in_process_harness_gets_wrong(name):
+    completion, test = SEMANTICS[name]
+    assert_contained(check_all(completion, [dict(CUSTOM, test=test)]))
+
+
+def test_exceptions_cross_by_builtin_name_and_values_as_exact_types():
+    """What a check sees: builtin exceptions it can catch, plain values of exact types, copies."""
+    test = ("def check(candidate):\n"
+            "    try:\n        candidate('raise')\n        assert False\n"
+            "    except KeyError as error:\n        assert 'missing' in str(error)\n"
+            "    value = candidate('value')\n"
+            "    assert type(value) is dict and type(value['t']) is tuple and type(value['b']) is bool\n"
+            "    assert value == {'t': (1, 2.5), 'b': True, 's': {1, 2}, 'n': None, 'y': b'\\x00', 'c': 1j}\n"
+            "    assert type(candidate('counter')) is dict and candidate('counter') == {'a': 2}\n"
+            "    xs = [1]\n    candidate(xs)\n    assert xs == [1]\n")
+    completion = ("    import collections\n"
+                  "    if xs == 'raise':\n        raise KeyError('missing')\n"
+                  "    if xs == 'value':\n"
+                  "        return {'t': (1, 2.5), 'b': True, 's': {1, 2}, 'n': None, 'y': b'\\x00', 'c': 1j}\n"
+                  "    if xs == 'counter':\n        return collections.Counter('aa')\n"
+                  "    xs.append(2)\n")
+    results = check_all(completion, [dict(CUSTOM, test=test)])
+    assert [r.note for r in results] == ["passed"]
+
+
+@pytest.mark.parametrize("mode", [m for m in ("root", "userns") if sandbox.isolation_works(m)] + ["none"])
+def test_every_attack_in_every_isolation_mode(mode, monkeypatch, humaneval, synthetic):
+    """The verdict does not depend on isolation: each attack, in each mode, on a few tasks. Except the
+    answer key: without a mount namespace the benchmark file is readable, and it wins (on HumanEval/85)."""
+    monkeypatch.setattr(sandbox, "isolation", lambda: mode)
+    tasks = [t for t in humaneval if t["entry_point"] in ("find_zero", "decode_cyclic", "add")] + synthetic[:3]
+    attacks = {**LYING_RESULTS, **FORGED_SIGNALS, "planted": PLANTED,
+               **{k: v for k, v in INVENTED.items() if k != "sleep through the timeout"}}
+    if mode != "none":
+        attacks["answer key"] = ANSWER_KEY
+    for name, attack in attacks.items():
+        passed = [t["task_id"] for t, r in zip(tasks, check_all(attack, tasks)) if r.passed]
+        assert passed == [], name
+    assert leftovers() == [] and sandbox_processes() == []
