@@ -47,11 +47,11 @@ import torch
 import train
 from data.readers import load_gsm8k
 from data.synthetic import corpus_texts, write_jsonl, write_splits
-from eval import evaluate, load_model
 from model.config import PRESETS
 from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer, train_tokenizer
 from trainer.checkpoint import checkpoint_paths
+from trainer.evaluation import evaluate, load_model
 from trainer.metrics import read_metrics
 
 SPLITS = ("test", "harder")

@@ -25,7 +25,9 @@ vocabulary-sized work, so prompt tokens cost nothing.
 """
 from losses.ce import cross_entropy, entropy, token_logprobs
 from losses.chunked import DEFAULT_CHUNK_SIZE, Head, reduce_tokens
-from losses.distill import SparseTeacher, divergence, forward_kl, generalized_jsd, reverse_kl, sparse_teacher
+from losses.distill import (DIVERGENCES, Divergence, SparseTeacher, distill, forward_kl, generalized_jsd, logprob_jsd,
+                            reverse_kl, sparse_teacher)
 
 __all__ = ["Head", "reduce_tokens", "DEFAULT_CHUNK_SIZE", "cross_entropy", "token_logprobs", "entropy",
-           "forward_kl", "reverse_kl", "generalized_jsd", "divergence", "SparseTeacher", "sparse_teacher"]
+           "forward_kl", "reverse_kl", "generalized_jsd", "logprob_jsd", "distill", "Divergence", "DIVERGENCES",
+           "SparseTeacher", "sparse_teacher"]

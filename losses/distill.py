@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-
 import torch
 
 import kernels
@@ -89,7 +87,7 @@ def _kl_to_mixture(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Te
     return -_expectation(logp, torch.logaddexp(logp.new_tensor(math.log1p(-w)), math.log(w) + logq - logp))
 
 
-def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+def logprob_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
     """Generalized JSD_beta per row between log-prob vectors [n, K] (see the module docstring):
     beta = 0 -> KL(p || q), beta = 1 -> KL(q || p)."""
     if beta == 0:
@@ -102,32 +100,30 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: flo
 
 
 @dataclass(frozen=True)
-class KL:
-    """Per-token forward KL(p || q) or reverse KL(q || p) against dense teacher logits, q = softmax(z / T)
-    the student's and p = softmax(t / T) the teacher's, with the student gradient in closed form for the
-    chunked path:
-        forward:  d KL(p || q) / dz = (q - p) / T
-        reverse:  d KL(q || p) / dz = q * (log q - log p - KL(q || p)) / T."""
+class Divergence:
+    """A per-token divergence D(p_teacher, q_student) of logit rows: __call__(student [n, V], teacher [n, V])
+    -> [n]. Every divergence receives the two [kd] knobs: the temperature T (q = softmax(z_s / T),
+    p = softmax(z_t / T)) and beta, the mixture weight of the JSD (the others ignore it). A subclass may
+    add `value_and_grad_` (losses/chunked.py) to skip autograd on the chunked path."""
 
     temperature: float = 1.0
-    reverse: bool = False
+    beta: float = 0.5
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return kernels.kl_div(student, teacher, self.temperature, self.reverse)  # (n,)
+        raise NotImplementedError
+
+
+class ForwardKL(Divergence):
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) (Hinton et al. 2015); d KL / dz = (q - p) / T."""
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kernels.kl_div(student, teacher, self.temperature, False)  # (n,)
 
     def value_and_grad_(self, student: torch.Tensor, weights: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """KL [n]; the student logits [n, V] are overwritten with d(sum_i weights_i KL_i)/dz (with q when
         weights is None)."""
         scale = 1.0 / self.temperature
-        teacher = upcast(teacher)
-        logp = torch.log_softmax(teacher if scale == 1 else teacher * scale, -1)  # (n, V)
-        if self.reverse:
-            logq = torch.log_softmax(student if scale == 1 else student * scale, -1)  # (n, V)
-            torch.exp(logq, out=student)  # student now holds q
-            kl = (student * logq.sub_(logp)).sum(-1)  # (n,) logq now holds log q - log p
-            if weights is not None:
-                student.mul_(logq.sub_(kl[:, None])).mul_((scale * weights)[:, None])
-            return kl
+        logp = torch.log_softmax(upcast(teacher) * scale if scale != 1 else upcast(teacher), -1)  # (n, V)
         logp.clamp_(min=torch.finfo(logp.dtype).min)  # -inf -> finite: the 0 * log 0 terms below give 0, not nan
         p = logp.exp()  # (n, V)
         kl = (p * logp.sub_(student, alpha=scale)).sum(-1)  # (n,) sum p (log p - z / T), before z is overwritten
@@ -139,22 +135,64 @@ class KL:
         return kl
 
 
-def _dense_rows(student, teacher, beta: float, temperature: float) -> torch.Tensor:
-    return divergence(kernels.log_softmax(student, temperature), kernels.log_softmax(teacher, temperature), beta)
+class ReverseKL(Divergence):
+    """KL(q || p) = sum_v q_v (log q_v - log p_v) (MiniLLM, Gu et al. 2024);
+    d KL / dz = q * (log q - log p - KL) / T."""
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kernels.kl_div(student, teacher, self.temperature, True)  # (n,)
+
+    def value_and_grad_(self, student: torch.Tensor, weights: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """As ForwardKL.value_and_grad_, for KL(q || p)."""
+        scale = 1.0 / self.temperature
+        logp = torch.log_softmax(upcast(teacher) * scale if scale != 1 else upcast(teacher), -1)  # (n, V)
+        logq = torch.log_softmax(student if scale == 1 else student * scale, -1)  # (n, V)
+        torch.exp(logq, out=student)  # student now holds q
+        kl = (student * logq.sub_(logp)).sum(-1)  # (n,) logq now holds log q - log p
+        if weights is not None:
+            student.mul_(logq.sub_(kl[:, None])).mul_((scale * weights)[:, None])
+        return kl
 
 
-def _sparse_rows(student, logprobs, indices, rest_logprob, beta: float, temperature: float) -> torch.Tensor:
-    """The divergence over the teacher's k buckets, plus the rest bucket when k < V."""
-    z = student / temperature  # (n, V)
-    lse = kernels.logsumexp(z)  # (n,)
-    indices = indices.long()  # (n, k) may be stored as int32
-    student_logp = z.gather(-1, indices) - lse[:, None]  # (n, k)
-    teacher_logp = upcast(logprobs)
-    if indices.shape[-1] < z.shape[-1]:
-        student_rest = kernels.logsumexp(z.scatter(-1, indices, -math.inf)) - lse  # (n,)
-        student_logp = torch.cat([student_logp, student_rest[:, None]], -1)  # (n, k + 1)
-        teacher_logp = torch.cat([teacher_logp, upcast(rest_logprob)[:, None]], -1)  # (n, k + 1)
-    return divergence(student_logp, teacher_logp, beta)
+class JSD(Divergence):
+    """Generalized JSD_beta (GKD, Agarwal et al. 2024; scaled so beta = 0 / 1 are the two KLs, see the
+    module docstring)."""
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        T = self.temperature
+        return logprob_jsd(kernels.log_softmax(student, T), kernels.log_softmax(teacher, T), self.beta)
+
+
+# kd.loss -> divergence; a new one is a Divergence subclass and one entry here.
+DIVERGENCES: dict[str, type[Divergence]] = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
+
+
+def distill(student: Logits, teacher: Logits, token_divergence: Divergence, mask: torch.Tensor | None = None,
+            scale_t2: bool = False, reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """`token_divergence` between a student and a dense teacher (logits [..., V] or Heads of the same
+    vocabulary; the teacher is a constant), reduced over the tokens of `mask`, times T^2 when scale_t2."""
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {student.shape[-1]}: "
+                         "slice both heads to the shared tokenizer's ids")
+    constant = Head(teacher.hidden.detach(), teacher.weight.detach()) if isinstance(teacher, Head) else teacher.detach()
+    loss = reduce_tokens(token_divergence, student, (constant,), mask=mask, reduction=reduction, chunk_size=chunk_size)
+    return loss * token_divergence.temperature ** 2 if scale_t2 else loss
+
+
+class SparseDivergence(Divergence):
+    """JSD_beta over a sparse teacher's k buckets, plus the rest bucket when k < V (module docstring)."""
+
+    def __call__(self, student, logprobs, indices, rest_logprob) -> torch.Tensor:
+        z = student / self.temperature  # (n, V)
+        lse = kernels.logsumexp(z)  # (n,)
+        indices = indices.long()  # (n, k) may be stored as int32
+        student_logp = z.gather(-1, indices) - lse[:, None]  # (n, k)
+        teacher_logp = upcast(logprobs)
+        if indices.shape[-1] < z.shape[-1]:
+            student_rest = kernels.logsumexp(z.scatter(-1, indices, -math.inf)) - lse  # (n,)
+            student_logp = torch.cat([student_logp, student_rest[:, None]], -1)  # (n, k + 1)
+            teacher_logp = torch.cat([teacher_logp, upcast(rest_logprob)[:, None]], -1)  # (n, k + 1)
+        return logprob_jsd(student_logp, teacher_logp, self.beta)
 
 
 def generalized_jsd(student: Logits, teacher: Logits | SparseTeacher, beta: float = 0.5,
@@ -162,36 +200,25 @@ def generalized_jsd(student: Logits, teacher: Logits | SparseTeacher, beta: floa
                     reduction: str = "mean", chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Distillation loss JSD_beta(p_teacher, q_student) per token at temperature T (module docstring),
     times T^2 when scale_t2. student: logits [..., V] or a Head; teacher: logits, a Head (projected
-    chunk by chunk, never differentiated) or a SparseTeacher built at the same temperature."""
+    chunk by chunk, never differentiated) or a SparseTeacher built at the same temperature. A dense
+    teacher at beta 0 or 1 gets ForwardKL / ReverseKL: the fused kernel and a closed-form gradient."""
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    token_fn, rows = _teacher_rows(teacher, student.shape[-1], beta, temperature)
-    loss = reduce_tokens(token_fn, student, rows, mask=mask, reduction=reduction, chunk_size=chunk_size)
+    if not isinstance(teacher, SparseTeacher):
+        kind = ForwardKL if beta == 0 else ReverseKL if beta == 1 else JSD
+        return distill(student, teacher, kind(temperature, beta), mask, scale_t2, reduction, chunk_size)
+    if teacher.temperature != temperature:
+        raise ValueError(f"the sparse teacher was built at temperature {teacher.temperature}, "
+                         f"the loss asks for {temperature}: rebuild it (the rest bucket cannot be re-tempered)")
+    if teacher.indices.shape[-1] > student.shape[-1]:
+        raise ValueError(f"the sparse teacher keeps {teacher.indices.shape[-1]} tokens, more than the "
+                         f"student's vocabulary of {student.shape[-1]}")
+    rows = (teacher.logprobs.detach(), teacher.indices, teacher.rest_logprob.detach())
+    loss = reduce_tokens(SparseDivergence(temperature, beta), student, rows, mask=mask, reduction=reduction,
+                         chunk_size=chunk_size)
     return loss * temperature ** 2 if scale_t2 else loss
-
-
-def _teacher_rows(teacher: Logits | SparseTeacher, vocab_size: int, beta: float, temperature: float):
-    """The per-token divergence for this kind of teacher, and the teacher as constant row arguments. A dense
-    teacher at beta 0 or 1 gets `KL`: the fused kernel and a closed-form gradient."""
-    if isinstance(teacher, SparseTeacher):
-        if teacher.temperature != temperature:
-            raise ValueError(f"the sparse teacher was built at temperature {teacher.temperature}, "
-                             f"the loss asks for {temperature}: rebuild it (the rest bucket cannot be re-tempered)")
-        if teacher.indices.shape[-1] > vocab_size:
-            raise ValueError(f"the sparse teacher keeps {teacher.indices.shape[-1]} tokens, more than the "
-                             f"student's vocabulary of {vocab_size}")
-        return (partial(_sparse_rows, beta=beta, temperature=temperature),
-                (teacher.logprobs.detach(), teacher.indices, teacher.rest_logprob.detach()))
-    if teacher.shape[-1] != vocab_size:
-        raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {vocab_size}: "
-                         "slice both heads to the shared tokenizer's ids")
-    dense = KL(temperature, reverse=beta == 1) if beta in (0, 1) else partial(_dense_rows, beta=beta,
-                                                                               temperature=temperature)
-    if isinstance(teacher, Head):
-        return dense, (Head(teacher.hidden.detach(), teacher.weight.detach()),)
-    return dense, (teacher.detach(),)
 
 
 def forward_kl(student: Logits, teacher: Logits | SparseTeacher, temperature: float = 1.0,

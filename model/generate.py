@@ -67,6 +67,12 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
 
 
+def stream_seed(seed: int, step: int, rank: int, world_size: int) -> int:
+    """The sampling seed of optimizer step `step` on rank `rank`: seed + step * world_size + rank. Ranks
+    draw different samples, and a resumed run draws the same ones again."""
+    return seed + step * world_size + rank
+
+
 @dataclass
 class Completion:
     prompt_index: int

@@ -154,14 +154,6 @@ def merged_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torc
     return merged
 
 
-def merge_lora(model: Transformer, cfg: LoRAConfig) -> Transformer:
-    """A plain Transformer with the adapters merged (it shares the untargeted tensors with `model`)."""
-    with torch.device("meta"):
-        merged = Transformer(model.config)
-    merged.load_state_dict(merged_state(model.state_dict(), cfg.scale), assign=True)
-    return merged
-
-
 def base_fingerprint(model: nn.Module) -> str:
     """A cheap hash of the base weights: each tensor's name, shape and <= 1024 evenly strided values.
     A checkpoint of adapters stores it, so resuming on another base is an error, not silent garbage."""

@@ -31,19 +31,18 @@ update does not depend on micro_batch_size or on the number of ranks. The data-p
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
-import torch.distributed as dist
 
 from losses import Head, entropy, token_logprobs
 from model.generate import SamplingParams
-from rl.advantages import SCALE_MODES, all_reduce_sum, group_advantages, zero_std_groups
+from model.parallel import all_reduce_sum, clip_grad_norm, unwrap, world_size
+from rl.advantages import ADVANTAGES, group_advantages, zero_std_groups
 from rl.policy_loss import AGGREGATIONS, KL_ESTIMATORS, PolicyLossOutput, normaliser, policy_loss, token_weights
 from rl.rewards import RewardFn, compute_rewards, correctness, format_match, overlong_penalty
-from rl.rollout import RolloutBatch, unwrap
+from rl.rollout import RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,9 @@ class GRPOConfig:
     eps_low: float = 0.2  # ratio clipped to [1 - eps_low, 1 + eps_high]
     eps_high: float = 0.2  # DAPO clip-higher uses 0.28
     beta: float = 0.0  # KL penalty weight; 0 -> no reference model
-    kl_estimator: str = "k3"  # "k1" | "k3"
-    aggregation: str = "dapo"  # "grpo" | "dapo" | "dr_grpo"
-    scale_rewards: str = "group"  # "group" | "batch" | "none"
+    kl_estimator: str = "k3"  # rl/policy_loss.py KL_ESTIMATORS: "k1" | "k3"
+    aggregation: str = "dapo"  # rl/policy_loss.py AGGREGATIONS: "grpo" | "dapo" | "dr_grpo"
+    advantage: str = "grpo"  # rl/advantages.py ADVANTAGES: "grpo" | "dr_grpo" | "batch_std"
     std_eps: float = 1e-4  # added to the std before dividing
     filter_zero_std: bool = False  # drop groups whose rewards are all equal (DAPO dynamic sampling)
     mask_truncated: bool = False  # drop completions cut at max_new_tokens (DAPO overlong filtering)
@@ -67,7 +66,6 @@ class GRPOConfig:
     chunk_size: int = 1024  # tokens per lm_head chunk when computing log-probs
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0  # rollout sampling seed
-    grader: str = "gsm8k"  # correctness reward: data/graders name ("gsm8k", "math", "code")
     format_pattern: str = ""  # regex for the format reward ...
     format_weight: float = 0.0  # ... and its weight (0 = off)
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens (0 = off) ...
@@ -82,9 +80,9 @@ class GRPOConfig:
             ("eps_low", 0 <= self.eps_low < 1, "in [0, 1)"),
             ("eps_high", self.eps_high >= 0, ">= 0"),
             ("beta", self.beta >= 0, ">= 0"),
-            ("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}"),
-            ("aggregation", self.aggregation in AGGREGATIONS, f"one of {AGGREGATIONS}"),
-            ("scale_rewards", self.scale_rewards in SCALE_MODES, f"one of {SCALE_MODES}"),
+            ("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {tuple(KL_ESTIMATORS)}"),
+            ("aggregation", self.aggregation in AGGREGATIONS, f"one of {tuple(AGGREGATIONS)}"),
+            ("advantage", self.advantage in ADVANTAGES, f"one of {tuple(ADVANTAGES)}"),
             ("std_eps", self.std_eps >= 0, ">= 0"),
             ("mu", self.mu >= 1, ">= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
@@ -103,10 +101,10 @@ class GRPOConfig:
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                               n=self.group_size, stop_strings=stop_strings, seed=self.seed)
 
-    def reward_fns(self, workers: int | None = None) -> list[RewardFn]:
-        """correctness (weight 1), plus the format reward and the overlong penalty when switched on;
-        `workers` sandboxes run at once for the code grader."""
-        fns = [RewardFn("correct", correctness(self.grader, workers))]
+    def reward_fns(self, grader: str, workers: int | None = None) -> list[RewardFn]:
+        """correctness by data/graders' `grader` (weight 1), plus the format reward and the overlong
+        penalty when switched on; `workers` sandboxes run at once for the code grader."""
+        fns = [RewardFn("correct", correctness(grader, workers))]
         if self.format_weight:
             fns.append(RewardFn("format", format_match(self.format_pattern), self.format_weight))
         if self.overlong_buffer:
@@ -135,7 +133,7 @@ def sequence_weights(batch: RolloutBatch, rewards: torch.Tensor, cfg: GRPOConfig
     """Advantages [B] (group-relative, rl/advantages.py) and `drop` [B]: rows left out of the loss
     (zero-variance groups when filter_zero_std, truncated completions when mask_truncated)."""
     grouped = rewards.view(-1, cfg.group_size)  # (P, G): rows are ordered prompt-major
-    advantages = group_advantages(grouped, cfg.scale_rewards, cfg.std_eps).view(-1)  # (B,)
+    advantages = group_advantages(grouped, cfg.advantage, cfg.std_eps).view(-1)  # (B,)
     drop = torch.zeros(len(batch), dtype=torch.bool)
     if cfg.filter_zero_std:
         drop |= zero_std_groups(grouped).repeat_interleave(cfg.group_size)
@@ -176,10 +174,10 @@ def grpo_update(policy: torch.nn.Module, ref_model: torch.nn.Module | None, opti
     global_norm = all_reduce_sum(normaliser(keep, cfg.aggregation, cfg.max_new_tokens))
     if global_norm.item() == 0:  # every sequence dropped on every rank: nothing to learn from
         return {"skipped": 1.0}
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    scale = world / global_norm.item()  # the data-parallel wrapper averages gradients over ranks
+    scale = world_size() / global_norm.item()  # the data-parallel wrapper averages gradients over ranks
     micro = _micro_batches(batch, cfg.micro_batch_size)
-    ref = _reference_logprobs(ref_model, micro, cfg.chunk_size, forward_context) if cfg.beta > 0 else [None] * len(micro)
+    ref = ([None] * len(micro) if ref_model is None
+           else _reference_logprobs(ref_model, micro, cfg.chunk_size, forward_context))
     sums = dict.fromkeys(("loss", "clipped", "kl", "tokens", "entropy"), 0.0)  # device scalars: one sync at the end
     grad_norm = 0.0
     for iteration in range(cfg.mu):
@@ -206,14 +204,13 @@ def _micro_step(policy, mb: RolloutBatch, advantages, keep, ref_logprobs, cfg: G
     with forward_context():
         head = completion_head(policy, mb)
         ent = _entropy_sum(head, keep, cfg.chunk_size) if with_entropy else 0.0
-        if cfg.mu == 1 and cfg.beta == 0:
+        if cfg.mu == 1 and ref_logprobs is None:
             objective, out = _on_policy_objective(head, targets, advantages, keep, cfg)
         else:
             logprobs = token_logprobs(head, targets, mask=mb.completion_mask, chunk_size=cfg.chunk_size)  # (b, C)
             old = logprobs.detach() if cfg.mu == 1 else mb.sampler_logprobs
             out = policy_loss(logprobs, old, advantages, keep, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                              aggregation=cfg.aggregation, max_new_tokens=cfg.max_new_tokens,
-                              ref_logprobs=ref_logprobs, beta=cfg.beta, kl_estimator=cfg.kl_estimator)
+                              aggregation=cfg.aggregation, ref_logprobs=ref_logprobs, beta=cfg.beta, kl_estimator=cfg.kl_estimator)
             objective = out.loss_sum
     (objective * scale).backward()
     return {"loss": out.loss_sum.detach(), "clipped": out.clipped_tokens, "kl": out.kl_sum,
@@ -229,8 +226,7 @@ def _on_policy_objective(head: Head, targets, advantages, keep, cfg: GRPOConfig)
     weights = -advantages[:, None] * token_weights(keep, cfg.aggregation)  # (b, C)
     objective = token_logprobs(head, targets, mask=weights, reduction="sum", chunk_size=cfg.chunk_size)
     zero = weights.new_zeros(())
-    out = PolicyLossOutput(loss_sum=weights.sum(), normaliser=normaliser(keep, cfg.aggregation, cfg.max_new_tokens),
-                           clipped_tokens=zero, kl_sum=zero, num_tokens=keep.sum())
+    out = PolicyLossOutput(loss_sum=weights.sum(), clipped_tokens=zero, kl_sum=zero, num_tokens=keep.sum())
     return objective, out
 
 
@@ -241,8 +237,7 @@ def _entropy_sum(head: Head, mask: torch.Tensor, chunk_size: int) -> torch.Tenso
 
 def optimizer_step(policy, optimizer, max_grad_norm: float, scheduler=None) -> torch.Tensor:
     """Clip the global grad norm (when max_grad_norm > 0), step, zero the grads; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+    norm = clip_grad_norm(policy, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:

@@ -23,9 +23,10 @@ KL Divergence"):
   is the gradient of the REVERSE direction KL(pi_ref || pi_theta), not of KL(pi_theta || pi_ref).
 Both are taken per token with the prefix fixed, as in DeepSeekMath and TRL.
 
-Aggregation over tokens (mask m_it = 1 on completion tokens that take part). Each mode returns
-(loss_sum, normaliser) for THIS micro-batch; the trainer sums both over micro-batches and ranks and
-divides once, so the result does not depend on how the batch was split:
+Aggregation over tokens (mask m_it = 1 on completion tokens that take part), `grpo.aggregation`
+from AGGREGATIONS: token weights w_it (loss_sum = sum_it w_it l_it of THIS micro-batch) and a
+normaliser additive over sequences; the trainer sums both over micro-batches and ranks and divides
+once, so the result does not depend on how the batch was split:
 - "grpo" (DeepSeekMath): mean over each sequence's tokens, then mean over sequences.
   loss_sum = sum_i (sum_t m_it l_it / sum_t m_it); normaliser = number of sequences with >= 1 token.
   Long sequences' tokens weigh less (the length bias Dr. GRPO points out).
@@ -36,81 +37,91 @@ divides once, so the result does not depend on how the batch was split:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-AGGREGATIONS = ("grpo", "dapo", "dr_grpo")
-KL_ESTIMATORS = ("k1", "k3")
+def k1(log_r: torch.Tensor) -> torch.Tensor:
+    return -log_r
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(pi_theta || pi_ref) estimate at sampled tokens (k1 or k3, see module doc)."""
-    log_r = ref_logprobs - logprobs  # log pi_ref / pi_theta
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k3":
-        return torch.exp(log_r) - 1 - log_r
-    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+def k3(log_r: torch.Tensor) -> torch.Tensor:
+    return torch.exp(log_r) - 1 - log_r
+
+
+# grpo.kl_estimator -> per-token KL(pi_theta || pi_ref) estimate from log r = log pi_ref - log pi_theta
+KL_ESTIMATORS = {"k1": k1, "k3": k3}
+
+
+def _sequences(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.sum(dim=1) > 0).sum().float()
+
+
+def per_sequence_mean(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.float()  # (B, C)
+    return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def per_token(mask: torch.Tensor) -> torch.Tensor:
+    return mask.float()  # (B, C)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    token_weights: Callable[[torch.Tensor], torch.Tensor]  # mask [B, C] -> w [B, C]
+    normaliser: Callable[[torch.Tensor, int], torch.Tensor]  # mask [B, C], max_new_tokens -> scalar
+
+
+# grpo.aggregation -> how per-token losses are weighted and normalised (module docstring)
+AGGREGATIONS = {
+    "grpo": Aggregation(per_sequence_mean, lambda mask, max_new_tokens: _sequences(mask)),
+    "dapo": Aggregation(per_token, lambda mask, max_new_tokens: mask.sum().float()),
+    "dr_grpo": Aggregation(per_token, lambda mask, max_new_tokens: _sequences(mask) * max_new_tokens),
+}
+
+
+def token_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """w_it [B, C] with loss_sum = sum_it w_it l_it."""
+    return AGGREGATIONS[aggregation].token_weights(mask)
 
 
 def normaliser(mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
     """The divisor of `aggregation` contributed by the sequences of `mask` [B, C] (additive over batches)."""
-    tokens_per_seq = mask.sum(dim=1, dtype=torch.float32)  # (B,)
-    if aggregation == "grpo":
-        return (tokens_per_seq > 0).sum().float()
-    if aggregation == "dapo":
-        return tokens_per_seq.sum()
-    if aggregation == "dr_grpo":
-        return (tokens_per_seq > 0).sum().float() * max_new_tokens
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-
-
-def token_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """w_it [B, C] with loss_sum = sum_it w_it l_it: m_it / sum_t m_it for "grpo" (per-sequence means), else m_it."""
-    mask = mask.float()  # (B, C)
-    if aggregation == "grpo":
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
-    return mask
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
-    """Loss sum of per-token values [B, C] under `mask` [B, C]: per-sequence means for "grpo", else token sum."""
-    masked = per_token.masked_fill(~mask.bool(), 0.0)  # (B, C)
-    return (masked * token_weights(mask, aggregation)).sum()
+    return AGGREGATIONS[aggregation].normaliser(mask, max_new_tokens)
 
 
 @dataclass
 class PolicyLossOutput:
     loss_sum: torch.Tensor  # scalar with grad: sum of the aggregated per-token loss
-    normaliser: torch.Tensor  # scalar: this micro-batch's share of the global normaliser
     clipped_tokens: torch.Tensor  # scalar: tokens where the clip is active (zero gradient)
-    kl_sum: torch.Tensor  # scalar: sum of per-token KL estimates (0 when beta == 0)
+    kl_sum: torch.Tensor  # scalar: sum of per-token KL estimates (0 without a reference)
     num_tokens: torch.Tensor  # scalar: tokens in the mask (for token means of the two above)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, *, eps_low: float, eps_high: float, aggregation: str,
-                max_new_tokens: int, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+                ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
                 kl_estimator: str = "k3") -> PolicyLossOutput:
     """GRPO loss of one micro-batch. logprobs, old_logprobs, ref_logprobs, mask: [B, C]; advantages: [B].
 
-    Returns the UN-normalised sum and the normaliser (see module doc); masked tokens contribute nothing.
+    Returns the UN-normalised sum (see the module docstring); masked tokens contribute nothing. With
+    beta > 0 the KL penalty beta * kl to the reference's log-probs ref_logprobs is added.
     """
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs (a frozen reference model)")
+    if (beta > 0) != (ref_logprobs is not None):
+        raise ValueError(f"beta = {beta}: pass ref_logprobs (a frozen reference's log-probs) exactly when beta > 0")
     mask = mask.bool()
     ratio = torch.exp((logprobs - old_logprobs).masked_fill(~mask, 0.0))  # (B, C); 1 at padding
     adv = advantages[:, None].to(logprobs.dtype)  # (B, 1)
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
-    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # (B, C)
-    kl = torch.zeros_like(per_token)
-    if beta > 0:
-        kl = kl_estimate(logprobs, ref_logprobs, kl_estimator).masked_fill(~mask, 0.0)
-        per_token = per_token + beta * kl
+    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)  # (B, C)
+    kl = torch.zeros_like(per_token_loss)
+    if ref_logprobs is not None:
+        kl = KL_ESTIMATORS[kl_estimator](ref_logprobs - logprobs).masked_fill(~mask, 0.0)  # (B, C)
+        per_token_loss = per_token_loss + beta * kl
     # The clip is active (the min picks the constant clipped branch) when the ratio left the trust
     # region in the direction the advantage pushes it.
     clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
-    return PolicyLossOutput(loss_sum=aggregate(per_token, mask, aggregation),
-                            normaliser=normaliser(mask, aggregation, max_new_tokens),
+    weights = token_weights(mask, aggregation)  # (B, C)
+    return PolicyLossOutput(loss_sum=(per_token_loss.masked_fill(~mask, 0.0) * weights).sum(),
                             clipped_tokens=(clipped & mask).sum().detach(),
                             kl_sum=kl.detach().sum(), num_tokens=mask.sum())

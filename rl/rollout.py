@@ -24,7 +24,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from model.generate import Completion, SamplingParams, generate
+from model.generate import Completion, SamplingParams, generate, stream_seed
+from model.parallel import unwrap
 
 
 @dataclass
@@ -57,11 +58,6 @@ class RolloutBatch:
             completion_mask=self.completion_mask[rows, :C], sampler_logprobs=self.sampler_logprobs[rows, :C],
             truncated=self.truncated[rows], completions=self.completions[rows], references=self.references[rows],
             prompt_length=P - lo, group_size=self.group_size)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Transformer inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 def pack(prompts: Sequence[list[int]], completions: list[Completion], references: Sequence[Any],
@@ -104,14 +100,14 @@ def rollout_batches(model, prompts: Sequence[list[int]], references: Sequence[An
     """Yield one RolloutBatch per step: global step s covers prompts [s*N, (s+1)*N) (N = prompts_per_step),
     of which rank r owns the contiguous N / world_size block r. A last incomplete step is dropped.
 
-    Sampling seed of step s on rank r: params.seed + s * world_size + r (ranks draw different samples;
-    pass a different params.seed for each epoch over the same prompts).
+    Sampling seed of step s on rank r: model/generate.py's stream_seed (pass a different params.seed for
+    each epoch over the same prompts).
     """
     if prompts_per_step % world_size:
         raise ValueError(f"prompts_per_step ({prompts_per_step}) must be a multiple of world_size ({world_size})")
     per_rank = prompts_per_step // world_size
     for step in range(len(prompts) // prompts_per_step):
         lo = step * prompts_per_step + rank * per_rank
-        step_params = replace(params, seed=params.seed + step * world_size + rank)
+        step_params = replace(params, seed=stream_seed(params.seed, step, rank, world_size))
         yield rollout(model, prompts[lo:lo + per_rank], references[lo:lo + per_rank], step_params,
                       stop_ids, tokenizer, batch_size)

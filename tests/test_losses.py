@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 
-from losses import (Head, SparseTeacher, cross_entropy, divergence, entropy, forward_kl, generalized_jsd,
+from losses import (Head, SparseTeacher, cross_entropy, entropy, forward_kl, generalized_jsd, logprob_jsd,
                     reduce_tokens, reverse_kl, sparse_teacher, token_logprobs)
 
 
@@ -331,7 +331,7 @@ def test_gradcheck_fused_linear_sum_and_checkpointed_rows():
     mask = torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool)
 
     def jsd(z, t):  # a user-written per-token loss on logits
-        return divergence(torch.log_softmax(z / 1.7, -1), torch.log_softmax(t / 1.7, -1), 0.3)
+        return logprob_jsd(torch.log_softmax(z / 1.7, -1), torch.log_softmax(t / 1.7, -1), 0.3)
 
     def loss(reduction, h, W):
         return reduce_tokens(jsd, Head(h, W), (teacher,), mask, reduction, chunk_size=3)

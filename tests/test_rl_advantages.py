@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 
 from rl.advantages import global_std, group_advantages, zero_std_groups
+from rl.grpo import GRPOConfig
 
 # Two prompts, four samples each.
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0],
@@ -21,13 +22,13 @@ def test_group_scaling_hand_numbers():
     # Group 1: mean 0.75, std sqrt(0.75 * 0.25) = 0.4330127 -> 0.25 / 0.4330127 = 0.5773503, -0.75 / 0.4330127 = -1.7320508.
     expected = torch.tensor([[1.0, -1.0, -1.0, 1.0],
                              [0.5773503, 0.5773503, 0.5773503, -1.7320508]])
-    torch.testing.assert_close(group_advantages(REWARDS, "group", eps=0.0), expected)
+    torch.testing.assert_close(group_advantages(REWARDS, "grpo", eps=0.0), expected)
 
 
 def test_no_scaling_is_mean_baseline_only():
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5],
                              [0.25, 0.25, 0.25, -0.75]])
-    torch.testing.assert_close(group_advantages(REWARDS, "none"), expected)
+    torch.testing.assert_close(group_advantages(REWARDS, "dr_grpo"), expected)
 
 
 def test_batch_scaling_divides_by_one_batch_std():
@@ -35,33 +36,33 @@ def test_batch_scaling_divides_by_one_batch_std():
     std = math.sqrt(0.234375)
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5],
                              [0.25, 0.25, 0.25, -0.75]]) / std
-    torch.testing.assert_close(group_advantages(REWARDS, "batch", eps=0.0), expected)
+    torch.testing.assert_close(group_advantages(REWARDS, "batch_std", eps=0.0), expected)
     torch.testing.assert_close(global_std(REWARDS), torch.tensor(std))
 
 
 def test_eps_added_to_std():
-    torch.testing.assert_close(group_advantages(REWARDS[:1], "group", eps=0.5),
+    torch.testing.assert_close(group_advantages(REWARDS[:1], "grpo", eps=0.5),
                                torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
 
 
 def test_zero_variance_groups():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.3, 0.3, 0.2]])
     assert zero_std_groups(rewards).tolist() == [True, False, True, False]
-    adv = group_advantages(rewards, "group")
+    adv = group_advantages(rewards, "grpo")
     assert torch.all(adv[[0, 2]] == 0)  # no signal, and no division by zero
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="scale_rewards"):
-        group_advantages(REWARDS, "std")
+    with pytest.raises(ValueError, match="advantage must be one of"):
+        GRPOConfig(advantage="std")
     with pytest.raises(ValueError, match="group_size"):
-        group_advantages(REWARDS.view(-1), "group")
+        group_advantages(REWARDS.view(-1), "grpo")
 
 
 def _rank_worker(rank, init_file, rewards, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     shard = rewards.chunk(2)[rank]  # whole groups per rank, as rl/rollout.py shards them
-    result = {mode: group_advantages(shard, mode) for mode in ("group", "batch", "none")}
+    result = {mode: group_advantages(shard, mode) for mode in ("grpo", "batch_std", "dr_grpo")}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -74,8 +75,8 @@ def test_two_ranks_equal_one_rank():
         mp.start_processes(_rank_worker, args=(os.path.join(tmp, "init"), rewards, tmp), nprocs=2,
                            start_method="forkserver")  # forked from a clean server process
         parts = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
-    for mode in ("group", "batch", "none"):
+    for mode in ("grpo", "batch_std", "dr_grpo"):
         two_ranks = torch.cat([parts[0][mode], parts[1][mode]])
         torch.testing.assert_close(two_ranks, group_advantages(rewards, mode), rtol=1e-6, atol=1e-6)
     # And the batch mode differs from what a rank would get from its own shard alone.
-    assert not torch.allclose(parts[0]["batch"], group_advantages(rewards[:2], "batch"))
+    assert not torch.allclose(parts[0]["batch_std"], group_advantages(rewards[:2], "batch_std"))

@@ -211,7 +211,7 @@ def test_two_ranks_equal_one_rank():
     advantages = torch.randn(len(batch))
     common = dict(group_size=G, micro_batch_size=3, max_grad_norm=0)
     configs = {"grpo": GRPOConfig(aggregation="grpo", **common), "dapo": GRPOConfig(aggregation="dapo", **common),
-               "step": GRPOConfig(aggregation="dr_grpo", scale_rewards="batch", **common)}
+               "step": GRPOConfig(aggregation="dr_grpo", advantage="batch_std", **common)}
     half = len(batch) // 2
     assert batch.completion_mask[:half].sum() != batch.completion_mask[half:].sum()  # ranks hold unequal tokens
     with tempfile.TemporaryDirectory() as tmp:
@@ -271,13 +271,13 @@ def test_config_builds_weighted_reward_fns():
     def completion(text, n):
         return Completion(0, 0, list(range(n)), [0.0] * n, [0.0] * n, "stop", text)
     cfg = GRPOConfig(max_new_tokens=10, format_pattern=r"#### \d+", format_weight=0.5, overlong_buffer=4)
-    fns = cfg.reward_fns()
+    fns = cfg.reward_fns("gsm8k")
     assert [(f.name, f.weight) for f in fns] == [("correct", 1.0), ("format", 0.5), ("overlong", 1.0)]
     total, per_fn = compute_rewards(fns, [completion("3 + 15 = 18\n#### 18", 9), completion("#### 17", 2)], ["18", "18"])
     # Row 0: correct 1, format 1, overlong (6 - 9) / 4 = -0.75 -> 1 + 0.5 - 0.75. Row 1: 0 + 0.5 + 0.
     torch.testing.assert_close(total, torch.tensor([0.75, 0.5]))
     torch.testing.assert_close(per_fn["correct"], torch.tensor([1.0, 0.0]))
-    assert [f.name for f in GRPOConfig().reward_fns()] == ["correct"]
+    assert [f.name for f in GRPOConfig().reward_fns("gsm8k")] == ["correct"]
     with pytest.raises(ValueError, match="format_pattern"):
         GRPOConfig(format_weight=0.1)
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from rl.policy_loss import kl_estimate, policy_loss
+from rl.grpo import GRPOConfig
+from rl.policy_loss import KL_ESTIMATORS, normaliser, policy_loss
 
 # Two sequences, three completion slots; row 0 has one padding slot.
 #   row 0: A = +1, ratios 1.5, 0.5, (pad)
@@ -16,7 +17,12 @@ OLD = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]])
 RATIOS = torch.tensor([[1.5, 0.5, 7.0], [0.5, 1.0, 1.2]])  # 7.0 sits on padding: must not matter
 ADV = torch.tensor([1.0, -2.0])
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-KW = dict(eps_low=0.2, eps_high=0.3, max_new_tokens=4)
+KW = dict(eps_low=0.2, eps_high=0.3)
+MAX_NEW_TOKENS = 4
+
+
+def kl_estimate(logprobs, ref_logprobs, estimator):
+    return KL_ESTIMATORS[estimator](ref_logprobs - logprobs)
 
 
 def _loss(aggregation, logprobs=None, mask=MASK, **kw):
@@ -32,7 +38,7 @@ def _loss(aggregation, logprobs=None, mask=MASK, **kw):
 def test_aggregation_hand_numbers(aggregation, loss_sum, norm):
     out = _loss(aggregation)
     assert out.loss_sum.item() == pytest.approx(loss_sum, abs=1e-5)
-    assert out.normaliser.item() == norm
+    assert normaliser(MASK, aggregation, MAX_NEW_TOKENS).item() == norm
     assert out.clipped_tokens.item() == 2 and out.num_tokens.item() == 5
 
 
@@ -51,7 +57,7 @@ def test_padding_contributes_nothing(aggregation):
     extra = policy_loss(torch.cat([logprobs.detach(), torch.randn(1, 3)]), torch.cat([OLD, torch.randn(1, 3)]),
                         torch.cat([ADV, torch.tensor([5.0])]), extra_mask, aggregation=aggregation, **KW)
     assert extra.loss_sum.item() == pytest.approx(out.loss_sum.item())
-    assert extra.normaliser.item() == out.normaliser.item()
+    assert normaliser(extra_mask, aggregation, MAX_NEW_TOKENS).item() == normaliser(MASK, aggregation, MAX_NEW_TOKENS).item()
 
 
 def test_on_policy_gradient_is_reinforce():
@@ -114,8 +120,8 @@ def test_kl_estimator_gradients_match_documented_formulas():
     assert not torch.allclose(z.grad, p - p_ref, atol=1e-3)
 
 
-def test_bad_aggregation_and_estimator():
-    with pytest.raises(ValueError, match="aggregation"):
-        _loss("mean")
-    with pytest.raises(ValueError, match="kl_estimator"):
-        kl_estimate(OLD, OLD, "k2")
+def test_bad_aggregation_and_estimator_are_config_errors():
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        GRPOConfig(aggregation="mean")
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        GRPOConfig(kl_estimator="k2")

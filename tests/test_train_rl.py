@@ -116,7 +116,7 @@ def test_rl_stage_under_torchrun(workspace, tmp_path):
     ('stage = "rl"\n[grpo]\ngroup_size = 1\n', "[grpo]: GRPOConfig.group_size must be >= 2"),
     ('stage = "rl"\nparallel = "fsdp"\n', "stage 'rl' needs config key 'parallel' = 'ddp'"),
     ('stage = "rl"\n[data]\ntask = "chat"\n', "config key 'data.task' must be one of ('gsm8k', 'synthetic', 'math'"),
-    ('stage = "rl"\n[data]\ntask = "math"\n', "'grpo.grader' must be 'math' for data.task 'math', got 'gsm8k'"),
+    ('stage = "rl"\n[grpo]\nadvantage = "ppo"\n', "[grpo]: GRPOConfig.advantage must be one of ('grpo'"),
 ])
 def test_bad_rl_config_is_one_line_error(workspace, tmp_path, capsys, recipe_text, message):
     recipe = tmp_path / "bad.toml"
@@ -175,22 +175,21 @@ def test_rl_raises_a_reward_the_policy_can_learn(workspace, tmp_path):
 
 def test_rl_prompts_and_references_are_evals(tmp_path):
     """Stage rl trains on the prompts eval.py scores: MATH-500 rows and HumanEval-format code tasks."""
-    from eval import render_prompts
-    from trainer.config import DataConfig
+    from data.tasks import load_rows, render_prompts
+    from trainer.config import DataConfig, TrainConfig
     tokenizer = synthetic_workspace(tmp_path, n_train=16, n_test=1)
     code = tmp_path / "code.jsonl"
     write_jsonl(code, make_code_tasks(seed=0, n=3))
     for task, path in (("math", shared_data("math500/test.jsonl")), ("synthetic-code", code)):
-        cfg = DataConfig(task=task, style="chat")
-        rows = rl_stage.load_rows(str(path), cfg)
-        prompts = rl_stage.load_prompts(str(path), cfg, tokenizer)
+        rows = load_rows(task, path)
+        prompts = rl_stage.load_prompts(rows, TrainConfig(data=DataConfig(task=task, style="chat")), tokenizer)
         assert len(prompts) == len(rows)
         expected = render_prompts(tokenizer, rows, task, "chat")
         assert [ids for ids, _ in prompts] == [tokenizer.encode(p) for p in expected]
         assert [ref for _, ref in prompts] == [row["reference"] for row in rows]
     assert "Complete the following Python function" in expected[0] and rows[0]["prompt"] in expected[0]
     with pytest.raises(FileNotFoundError, match="nope.jsonl not found"):
-        rl_stage.load_rows(str(tmp_path / "nope.jsonl"), cfg)
+        load_rows("math", tmp_path / "nope.jsonl")
 
 
 def test_rl_stage_on_a_code_task_rewards_through_the_sandbox(workspace, tmp_path):
@@ -200,6 +199,6 @@ def test_rl_stage_on_a_code_task_rewards_through_the_sandbox(workspace, tmp_path
     write_jsonl(code, make_code_tasks(seed=0, n=4))
     out = tmp_path / "run"
     assert train.main(rl_args(workspace, out, "--data", str(code), "--max-steps", "1", "--set",
-                              'data.task="synthetic-code"', "--set", 'grpo.grader="code"')) == 0
+                              'data.task="synthetic-code"')) == 0
     (record,) = records(out)
     assert record["reward/correct"] == 0 and "reward/format" in record and (out / "DONE").exists()

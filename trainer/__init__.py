@@ -1,2 +1,3 @@
-"""Support package of train.py: typed config, process groups, batching and sharding, training-state
-checkpoints, per-stage objectives, and run records. train.py reads top to bottom; these are its helpers."""
+"""The training library behind train.py: typed config, models, batches and sharding, the stages
+(supervised.py: sft and kd; rl_stage.py: GRPO), the run's bookkeeping (run.py: run directory, schedule,
+checkpoints, export), evaluation, process groups and run records."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.lora import adapter_state, base_fingerprint, load_adapter_state, lora_layers
-from trainer.distributed import all_gather_objects, barrier, unwrap
+from model.parallel import all_gather_objects, barrier, unwrap
 
 
 def rng_state() -> dict:

@@ -3,29 +3,35 @@
 Resolution order (later wins): dataclass defaults -> `--recipe FILE.toml` -> named flags
 (`--stage`, `--model`, `--tokenizer`, `--data`, `--teacher`, `--out`) -> `--section.key value` /
 `--set section.key=value`. Values are parsed as TOML (`--set optim.lr=3e-4`, `--set kd.loss="reverse_kl"`
-or bare strings). An unknown key, a value of the wrong type or out of range is a ValueError naming
-the key and where it came from. The resolved config is written to `<out>/config.toml`, which is
-itself a valid recipe.
+or bare strings). An unknown key or a value of the wrong type is a ValueError naming the key and
+where it came from; the sections are then built once (frozen dataclasses) and `validate` checks
+ranges and choices, each choice list being the registry that the name selects code from. The resolved
+config is written to `<out>/config.toml`, which is itself a valid recipe.
 """
 from __future__ import annotations
 
 import json
+import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from eval import TASKS
+import torch
+
+from data.tasks import TASKS
+from data.templates import STYLES
+from losses import DIVERGENCES
 from model.lora import LoRAConfig
 from rl.grpo import GRPOConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     path: str = ""  # training JSONL file
     format: str = "gsm8k"  # gsm8k (question/answer) | chat (messages) | prompt_completion
     style: str = "chat"  # prompt rendering for gsm8k rows: chat (ChatML) | fewshot (plain Question/Answer)
-    # chat instruction appended to gsm8k questions (data/templates.py INSTRUCTIONS); stage rl: eval.py's task,
-    # whose rows, prompts and grader it uses (format is then unused)
+    # chat instruction appended to gsm8k questions (data/templates.py INSTRUCTIONS); stage rl: data/tasks.py's
+    # task, whose rows, prompts and grader it uses (format is then unused)
     task: str = "synthetic"
     eval_path: str = ""  # optional held-out JSONL (same format): mean loss every `eval_every` steps
     max_len: int = 512  # tokens per example; longer ones are truncated by data/templates.py's policy
@@ -33,7 +39,7 @@ class DataConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step on one rank
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
@@ -45,10 +51,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
 
 
-@dataclass
+@dataclass(frozen=True)
 class KDConfig:
     teacher: str = ""  # HF-layout directory of the teacher (stage kd)
-    loss: str = "forward_kl"  # forward_kl = KL(p_T||q_S) | reverse_kl = KL(q_S||p_T) | jsd
+    loss: str = "forward_kl"  # losses/distill.py DIVERGENCES: forward_kl = KL(p_T||q_S) | reverse_kl = KL(q_S||p_T) | jsd
     beta: float = 0.5  # generalized JSD interpolation (0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0  # softens both distributions (Hinton et al. 2015)
     scale_t2: bool = False  # multiply the KD term by T^2 (keeps gradient scale across temperatures)
@@ -60,7 +66,7 @@ class KDConfig:
     on_policy_max_new_tokens: int = 256  # sampled completion length limit
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenConfig:
     """Stage gen: the model (a teacher) samples training traces for sequence-level KD (trainer/traces.py)."""
     n: int = 4  # samples per question
@@ -71,7 +77,7 @@ class GenConfig:
     batch_size: int = 64  # prompts prefilled together
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str = "sft"  # sft | kd | gen (teacher traces for sequence-level KD) | rl (GRPO)
     model: str = ""  # preset name from model.config.PRESETS (random init) or an HF-layout directory
@@ -100,9 +106,14 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
-CHOICES = {"stage": ("sft", "kd", "gen", "rl"), "parallel": ("ddp", "fsdp"),
-           "data.format": ("gsm8k", "chat", "prompt_completion"), "data.style": ("chat", "fewshot"),
-           "kd.loss": ("forward_kl", "reverse_kl", "jsd"), "kd.teacher_dtype": ("float32", "bfloat16", "float16")}
+# the nested sections of each config dataclass: field name -> its dataclass
+SECTIONS = {TrainConfig: {"data": DataConfig, "optim": OptimConfig, "kd": KDConfig, "gen": GenConfig,
+                          "grpo": GRPOConfig, "lora": LoRAConfig}}
+STAGES = ("sft", "kd", "gen", "rl")
+FORMATS = ("gsm8k", "chat", "prompt_completion")  # trainer/batches.py LOADERS
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHOICES = {"stage": STAGES, "parallel": ("ddp", "fsdp"), "data.format": FORMATS, "data.style": STYLES,
+           "data.task": tuple(TASKS), "kd.loss": tuple(DIVERGENCES), "kd.teacher_dtype": tuple(DTYPES)}
 POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
             "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "kd.on_policy_max_new_tokens",
             "gen.n", "gen.max_new_tokens", "gen.batch_size", "gen.top_p")
@@ -112,21 +123,21 @@ UNIT_INTERVAL = ("optim.min_lr_ratio", "optim.beta1", "optim.beta2", "kd.beta", 
                  "gen.top_p")
 
 
-def set_value(config: TrainConfig, key: str, value, source: str, text: str | None = None):
-    """Assign config.<key> (dotted) = value, checking the key exists and the type matches.
+def set_value(values: dict, key: str, value, source: str, text: str | None = None):
+    """values[section][name] = value for the dotted `key`, checking the key exists and the type matches.
 
     `text`: the raw command-line spelling; a string field takes it as is (a path named 123 stays "123").
     """
     *sections, name = key.split(".")
-    target = config
+    target, table = TrainConfig, values
     for section in sections:
-        target = getattr(target, section, None)
-        if not is_dataclass(target):
+        if section not in SECTIONS.get(target, {}):
             raise ValueError(f"{source}: unknown config key {key!r}")
+        target, table = SECTIONS[target][section], table.setdefault(section, {})
     types = {f.name: f.type for f in fields(target)}
     if name not in types:
         raise ValueError(f"{source}: unknown config key {key!r}")
-    if is_dataclass(getattr(target, name)):
+    if name in SECTIONS.get(target, {}):
         raise ValueError(f"{source}: config key {key!r} is a section; set its fields ({key}.<name>)")
     expected = {"str": str, "int": int, "float": float, "bool": bool}[types[name]]
     if expected is float and type(value) is int:
@@ -135,17 +146,30 @@ def set_value(config: TrainConfig, key: str, value, source: str, text: str | Non
         value = text
     if type(value) is not expected:
         raise ValueError(f"{source}: config key {key!r} expects {expected.__name__}, got {value!r}")
-    object.__setattr__(target, name, value)  # GRPOConfig is frozen; validate() re-runs its checks
+    if expected is float and not math.isfinite(value):
+        raise ValueError(f"{source}: config key {key!r} must be a finite number, got {value!r}")
+    table[name] = value
 
 
-def apply_dict(config: TrainConfig, table: dict, source: str, prefix: str = ""):
+def apply_dict(values: dict, table: dict, source: str, prefix: str = ""):
     """Apply a (nested) TOML table: sections recurse, scalars go through set_value."""
     for name, value in table.items():
         key = prefix + name
         if isinstance(value, dict):
-            apply_dict(config, value, source, key + ".")
+            apply_dict(values, value, source, key + ".")
         else:
-            set_value(config, key, value, source)
+            set_value(values, key, value, source)
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """The frozen dataclass `cls` from nested `values` (defaults for what is absent); a section's own checks
+    (__post_init__) become errors naming the section."""
+    kwargs = {name: build(section, values.get(name, {}), f"{prefix}{name}.")
+              for name, section in SECTIONS.get(cls, {}).items()}
+    try:
+        return cls(**{**values, **kwargs})
+    except ValueError as e:
+        raise ValueError(f"config section [{prefix.rstrip('.')}]: {e}") from None
 
 
 def parse_value(text: str):
@@ -173,11 +197,6 @@ def validate(config: TrainConfig):
         for key in keys:
             if not ok(get_value(config, key)):
                 raise ValueError(f"config key {key!r} must be {what}, got {get_value(config, key)!r}")
-    for section in ("grpo", "lora"):
-        try:
-            replace(getattr(config, section))  # the frozen dataclass's __post_init__ checks its fields
-        except ValueError as e:
-            raise ValueError(f"config section [{section}]: {e}") from None
     if config.lora.rank and (config.stage == "gen" or config.parallel != "ddp"):
         raise ValueError(f"config key 'lora.rank' > 0 needs a training stage (sft, kd, rl) and parallel = 'ddp' "
                          f"(LoRA replicates the frozen base; FSDP is for models that do not fit), got stage "
@@ -185,12 +204,6 @@ def validate(config: TrainConfig):
     if config.stage == "gen" and config.data.format != "gsm8k":
         raise ValueError(f"stage 'gen' reads questions with references: config key 'data.format' must be "
                          f"'gsm8k', got {config.data.format!r}")
-    if config.stage == "rl" and config.data.task not in TASKS:
-        raise ValueError(f"stage 'rl' reads the rows, prompts and grader of eval.py's task: config key 'data.task' "
-                         f"must be one of {tuple(TASKS)}, got {config.data.task!r}")
-    if config.stage == "rl" and config.grpo.grader != TASKS[config.data.task].grader:
-        raise ValueError(f"config key 'grpo.grader' must be {TASKS[config.data.task].grader!r} for data.task "
-                         f"{config.data.task!r}, got {config.grpo.grader!r}")
     if config.stage == "kd" and config.kd.on_policy_lambda and config.parallel != "ddp":
         raise ValueError("config key 'kd.on_policy_lambda' > 0 needs config key 'parallel' = 'ddp': ranks sample "
                          "completions of different lengths, and FSDP would need every rank in every forward")
@@ -204,7 +217,7 @@ def validate(config: TrainConfig):
 
 def load_config(recipe: str | None, named: dict, overrides: list[tuple[str, str]]) -> TrainConfig:
     """Defaults <- recipe TOML <- named flags (already typed) <- `key=value` overrides (TOML-parsed)."""
-    config = TrainConfig()
+    values: dict = {}
     if recipe:
         path = Path(recipe)
         if not path.is_file():
@@ -213,12 +226,13 @@ def load_config(recipe: str | None, named: dict, overrides: list[tuple[str, str]
             table = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{recipe}: invalid TOML: {e}") from None
-        apply_dict(config, table, recipe)
+        apply_dict(values, table, recipe)
     for key, value in named.items():
         if value is not None:
-            set_value(config, key, value, f"--{key.replace('.', '-')}")
+            set_value(values, key, value, f"--{key.replace('.', '-')}")
     for key, text in overrides:
-        set_value(config, key, parse_value(text), f"override {key}={text}", text)
+        set_value(values, key, parse_value(text), f"override {key}={text}", text)
+    config = build(TrainConfig, values)
     validate(config)
     return config
 

@@ -1,4 +1,5 @@
-"""Process-group setup and model wrapping: one code path for `python train.py` and `torchrun`.
+"""Process-group setup and model wrapping: one code path for `python train.py` and `torchrun`
+(the collectives both the trainer and rl/ use are model/parallel.py's).
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we run as a single process and never
 touch torch.distributed. Backend: NCCL on CUDA, gloo on CPU. Multi-node is torchrun's business
@@ -47,27 +48,6 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (identity in a single process)."""
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def all_gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] (a one-element list in a single process)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def wrap_model(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
     """DDP (replicated parameters) or FSDP2 (`fully_shard` per block, then the root) across ranks."""
     if not dist.is_initialized():
@@ -80,8 +60,3 @@ def wrap_model(model: torch.nn.Module, parallel: str, device: torch.device) -> t
         # loss multiplies hidden states by `output_weight` outside the module's forward.
         return fully_shard(model, reshard_after_forward=False)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Transformer inside a DDP wrapper (FSDP2 modifies the module in place)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -13,17 +13,18 @@ produces, which removes the train/inference mismatch of training on fixed output
 - Prompt of an example: its tokens before the first learned label (for multi-turn chat rows, the
   conversation up to the first assistant answer). The samples replace everything after it; the
   stop token (or the one completing a stop string) is learned, as a dataset end token is.
-- Sampling seed of step s on rank r: seed + s * world_size + r (ranks draw different samples).
+- Sampling seed of step s on rank r: model/generate.py's stream_seed(seed, s, r, world_size).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from data.templates import IGNORE_INDEX, STOP_STRINGS
-from model.generate import SamplingParams, generate
+from model.generate import SamplingParams, generate, stream_seed
+from model.parallel import unwrap
 from trainer.batches import Example
 from trainer.config import TrainConfig
-from trainer.distributed import Dist, unwrap
+from trainer.distributed import Dist
 
 
 def on_policy_step(step: int, cfg: TrainConfig) -> bool:
@@ -46,7 +47,8 @@ def student_examples(model, micro: list[list[Example]], step: int, cfg: TrainCon
     call for all of them); each example is cut at data.max_len like a dataset example."""
     prompts = [[prompt_of(e) for e in m] for m in micro]
     params = SamplingParams(max_new_tokens=cfg.kd.on_policy_max_new_tokens, temperature=cfg.kd.on_policy_temperature,
-                            stop_strings=STOP_STRINGS[cfg.data.style], seed=cfg.seed + step * d.world_size + d.rank)
+                            stop_strings=STOP_STRINGS[cfg.data.style],
+                            seed=stream_seed(cfg.seed, step, d.rank, d.world_size))
     samples = iter(generate(unwrap(model), [p for ps in prompts for p in ps], params, tokenizer.stop_ids, tokenizer))
     return [[sampled_example(p, next(samples).tokens, cfg.data.max_len) for p in ps] for ps in prompts]
 

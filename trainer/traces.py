@@ -10,12 +10,20 @@ always dropped: an unfinished trace would teach the student to stop mid-solution
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from data.graders import gsm8k
+from data.readers import load_gsm8k
+from data.synthetic import write_jsonl
 from data.templates import STOP_STRINGS, render_prompt
 from model.generate import SamplingParams, generate
+from model.parallel import all_gather_objects, barrier
+from model.tokenizer import load_tokenizer
 from trainer.config import TrainConfig
-from trainer.distributed import Dist, all_gather_objects
+from trainer.distributed import Dist
+from trainer.models import build_model
+from trainer.run import prepare_out
+from trainer.supervised import autocast
 
 
 def sampling_params(cfg: TrainConfig) -> SamplingParams:
@@ -51,3 +59,21 @@ def summary(rows: list[dict], traces: list[dict], cfg: TrainConfig) -> str:
     kept = len({t["id"] for t in traces})
     return (f"{len(traces)} traces for {kept}/{len(rows)} questions "
             f"(n={cfg.gen.n}, only_correct={cfg.gen.only_correct}, sampling {asdict(sampling_params(cfg))})")
+
+
+def write_traces(cfg: TrainConfig, d: Dist):
+    """Stage gen: <out>/traces.jsonl (prompt/completion rows) from --model's samples, then DONE."""
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = build_model(cfg, tokenizer, d.device)
+    if not Path(cfg.data.path).is_file():
+        raise FileNotFoundError(f"data file {cfg.data.path} not found")
+    rows = load_gsm8k(cfg.data.path)
+    with autocast(cfg, d.device):
+        traces = teacher_traces(model, tokenizer, rows, cfg, d)
+    prepare_out(cfg, None, d)
+    if d.is_main:
+        out = Path(cfg.out)
+        write_jsonl(out / "traces.jsonl", traces)
+        print(summary(rows, traces, cfg))
+        (out / "DONE").write_text(f"{len(traces)} traces\n")
+    barrier()

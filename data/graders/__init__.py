@@ -5,21 +5,14 @@
     code   HumanEval program (prompt + completion + tests) run in the subprocess sandbox
 
 The GSM8K-style synthetic task uses the gsm8k grader; the HumanEval-format synthetic code task
-uses the code grader.
+uses the code grader. A new benchmark's grader is one module and one GRADERS entry.
 """
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Grade:
-    score: float              # 1.0 correct, 0.0 wrong (code: 1.0 = every test passed)
-    extracted: str | None     # the answer pulled out of the completion (None: nothing found)
-    note: str = ""            # how it was extracted / why it failed, for reading generations.jsonl
-
-
-from data.graders import code, gsm8k, math  # noqa: E402  (the modules import Grade from here)
+from data.graders import code, gsm8k, math
+from data.graders.grade import Grade
 
 GRADERS = {"gsm8k": gsm8k.grade, "math": math.grade, "code": code.grade}
+
+__all__ = ["GRADERS", "Grade", "grade_batch"]
 
 
 def grade_batch(grader: str, completions: list[str], references: list, workers: int | None = None) -> list[Grade]:

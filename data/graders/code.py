@@ -10,7 +10,7 @@ cannot be trusted). Score 1.0 when check() returns normally within the limits.
 """
 import re
 
-from data.graders import Grade
+from data.graders.grade import Grade
 from data.sandbox import CheckResult, Limits, in_parallel, run_check
 
 

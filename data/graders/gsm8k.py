@@ -12,7 +12,7 @@ number ("$5.", "5 dollars") are ignored because only the number itself is matche
 import re
 from fractions import Fraction
 
-from data.graders import Grade
+from data.graders.grade import Grade
 from data.graders.math import last_boxed
 
 # -1,234.5 | 1234 | .5 ; thousands groups must be exactly 3 digits, so "1,2,3" is three numbers.

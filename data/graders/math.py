@@ -10,7 +10,7 @@ math_verify (Hugging Face) parses both LaTeX answers into sympy and compares the
 import re
 import threading
 
-from data.graders import Grade
+from data.graders.grade import Grade
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 TIMEOUT_S = 5

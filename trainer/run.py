@@ -1,0 +1,137 @@
+"""A run's bookkeeping around train.py's loop: run directory, optimizer and schedule, resume, checkpoints,
+export and the DONE marker. Every stage goes through these; none of them knows what is being learned.
+
+Run directory (`--out`): config.toml (the resolved config, itself a recipe), metrics.jsonl,
+checkpoints/step_*.pt (training state), final/ (HF layout + tokenizer files), adapter/ (LoRA only: PEFT
+layout, for the base `model`), plots.png, and DONE once everything is written.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import save_pretrained
+from model.lora import adapter_state, merged_state, save_peft_adapter
+from model.parallel import barrier, unwrap
+from model.transformer import Transformer
+from trainer.batches import data_position
+from trainer.checkpoint import checkpoint_paths, full_model_state, load_checkpoint, save_checkpoint
+from trainer.config import OptimConfig, TrainConfig, to_toml
+from trainer.distributed import Dist, wrap_model
+from trainer.metrics import plot_metrics
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+CONFIG_MAY_CHANGE_ON_RESUME = ("stop_at",)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_optimizer(model, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def evaluate_now(done: int, cfg: TrainConfig) -> bool:
+    """Evaluate after the last step and every `eval_every` steps."""
+    return done == cfg.max_steps or cfg.eval_every > 0 and done % cfg.eval_every == 0
+
+
+def prepare_out(cfg: TrainConfig, resume: str | None, d: Dist) -> Path | None:
+    """The run directory (created only now, after every input validated) and the checkpoint to resume."""
+    out = Path(cfg.out)
+    found = checkpoint_paths(out)
+    if resume is None and found:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume or choose another --out")
+    if resume == "latest" and not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "DONE").unlink(missing_ok=True)
+        (out / "config.toml").write_text(to_toml(cfg))
+    barrier()
+    return None if resume is None else found[-1] if resume == "latest" else Path(resume)
+
+
+def open_run(cfg: TrainConfig, model, resume_path: Path | None, num_examples: int, d: Dist):
+    """Wrap the model for data parallelism, build the optimizer, restore a checkpoint:
+    (model, optimizer, first step, sharded)."""
+    model = wrap_model(model, cfg.parallel, d.device)
+    sharded = cfg.parallel == "fsdp" and d.world_size > 1
+    optimizer = build_optimizer(model, cfg.optim)
+    if resume_path is None:
+        return model, optimizer, 0, sharded
+    state = load_checkpoint(resume_path, model, optimizer, d.rank, d.world_size, sharded)
+    check_resumed_config(state, cfg, num_examples, resume_path)
+    return model, optimizer, state["step"], sharded
+
+
+def check_resumed_config(state: dict, cfg: TrainConfig, num_examples: int, path: Path):
+    old, new = flat(state["config"]), flat(asdict(cfg))
+    if state["num_examples"] != num_examples:
+        raise ValueError(f"--resume: {path} was trained on {state['num_examples']} examples, "
+                         f"the data now has {num_examples}")
+    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in CONFIG_MAY_CHANGE_ON_RESUME]
+    if changed:
+        raise ValueError(f"--resume: {path} was written with a different config: {', '.join(sorted(changed))}")
+
+
+def flat(table: dict, prefix: str = "") -> dict:
+    return {k2: v2 for k, v in table.items()
+            for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+
+def save(cfg: TrainConfig, model, optimizer, done: int, num_examples: int, examples_per_step: int, d: Dist,
+         sharded: bool):
+    """The training-state checkpoint after step `done` (collective)."""
+    save_checkpoint(cfg.out, model, optimizer, done, {
+        "config": asdict(cfg), "data_position": data_position(done, num_examples, examples_per_step),
+        "num_examples": num_examples}, cfg.keep_last, d.is_main, sharded)
+
+
+def export(cfg: TrainConfig, model, is_main: bool, sharded: bool):
+    """The final model in HF layout with the tokenizer files beside it (rank 0). With LoRA the adapters
+    are merged into it, and written alone to <out>/adapter in PEFT's layout (they apply to the base)."""
+    out = Path(cfg.out)
+    state = full_model_state(model, sharded)
+    if not is_main:
+        return
+    if cfg.lora.rank:
+        save_peft_adapter(adapter_state(state), cfg.lora, out / "adapter", base=cfg.model)
+        state = merged_state(state, cfg.lora.scale)
+    with torch.device("meta"):
+        final = Transformer(unwrap(model).config)
+    final.load_state_dict(state, assign=True)
+    save_pretrained(final, out / "final")
+    tokenizer_dir = Path(cfg.tokenizer or cfg.model)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy2(tokenizer_dir / name, out / "final" / name)
+
+
+def finish(cfg: TrainConfig, model, d: Dist, sharded: bool):
+    """HF export, plots, and the DONE marker last."""
+    out = Path(cfg.out)
+    export(cfg, model, d.is_main, sharded)
+    if d.is_main:
+        print(plot_metrics(out / "metrics.jsonl", out / "plots.png"))
+        (out / "DONE").write_text(f"completed {cfg.max_steps} steps\n")
+    barrier()
