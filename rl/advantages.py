@@ -12,6 +12,8 @@ advantage A_i. `grpo.advantage` selects the estimator from ADVANTAGES; each maps
     "batch_std"  A_i = (r_i - mean_j r_j) / (std_batch r + eps)
                  the group-mean baseline with ONE std of the rewards of the whole global batch (all
                  prompts, all ranks): a steady update scale without the per-prompt re-weighting
+    "rloo"       A_i = r_i - sum_{j != i} r_j / (G - 1)
+                 RLOO (Ahmadian et al. 2024, arXiv:2402.14740): each sample's baseline leaves it out
 
 std is the population std (divide by G, resp. the batch size). DAPO's dynamic sampling (Yu et al.
 2025, arXiv:2503.14476) discards groups whose rewards are all equal: their advantages are 0, they
@@ -51,8 +53,17 @@ def batch_std_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (global_std(rewards) + eps)  # (P, G)
 
 
+def rloo_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740): the baseline of sample i is the mean
+    of the OTHER G - 1 rewards, A_i = r_i - sum_{j != i} r_j / (G - 1) = G / (G - 1) * (r_i - mean_j r_j),
+    an unbiased baseline (it does not depend on o_i); no std scaling."""
+    G = rewards.shape[1]
+    return (rewards - rewards.mean(dim=1, keepdim=True)) * G / (G - 1)  # (P, G)
+
+
 # grpo.advantage -> (rewards [P, G] fp32, std eps) -> advantages [P, G]; see the module docstring.
-ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "batch_std": batch_std_advantages}
+ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "batch_std": batch_std_advantages,
+              "rloo": rloo_advantages}
 
 
 def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: float = 1e-4) -> torch.Tensor:

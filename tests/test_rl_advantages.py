@@ -40,6 +40,14 @@ def test_batch_scaling_divides_by_one_batch_std():
     torch.testing.assert_close(global_std(REWARDS), torch.tensor(std))
 
 
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    # Group 0 [1, 0, 0, 1]: sample 0's baseline (0 + 0 + 1) / 3 -> 1 - 1/3; sample 1's (1 + 0 + 1) / 3 -> -2/3.
+    # Group 1 [1, 1, 1, 0]: samples 0-2 see (1 + 1 + 0) / 3 -> 1/3; sample 3 sees 1 -> -1.
+    expected = torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3],
+                             [1 / 3, 1 / 3, 1 / 3, -1.0]])
+    torch.testing.assert_close(group_advantages(REWARDS, "rloo"), expected)
+
+
 def test_eps_added_to_std():
     torch.testing.assert_close(group_advantages(REWARDS[:1], "grpo", eps=0.5),
                                torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
