@@ -116,4 +116,8 @@ def logsumexp_reference(logits: torch.Tensor) -> torch.Tensor:
 def log_softmax_reference(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(x / T) per row in fp32: (N, V) -> (N, V)."""
     z = logits.float() if temperature == 1.0 else logits.float() / temperature  # (N, V) T = 1 skips a pass
-    return torch.log_softmax(z, dim=-1)                                          # (N, V)
+    # z - lse, not torch.log_softmax: on CPU that sums exp(z - max) in one fp32 SIMD register, each lane adding
+    # V/8 terms (AVX2; V/16 on AVX512) mostly far below its total, whose low bits are dropped: its lse comes out
+    # 1e-5 to 5e-5 low at V = 151,936 (every p that much too high). torch.logsumexp sums with torch.sum's cascade:
+    # off by its fp32 rounding only (~1e-6). Twice the time of torch.log_softmax (one more exp pass).
+    return z - torch.logsumexp(z, dim=-1, keepdim=True)                          # (N, V)
