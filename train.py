@@ -24,6 +24,7 @@ import argparse
 import sys
 import time
 
+from model.parallel import NonFiniteError
 from model.tokenizer import load_tokenizer
 from trainer.config import STAGES, TrainConfig, load_config
 from trainer.distributed import Dist, cleanup, init_distributed
@@ -100,26 +101,29 @@ def train(cfg: TrainConfig, model, stage: SupervisedStage | GRPOStage, resume: s
     resume_path = prepare_out(cfg, resume, d)
     model, optimizer, start, sharded = open_run(cfg, model, resume_path, stage.num_examples, d)
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
-    metrics = Metrics(cfg.out, start, cfg.max_steps, d.is_main)
     t_start = time.perf_counter()
 
     model.train()
-    for step in range(start, stop):
-        lr = lr_at(step, cfg.optim, cfg.max_steps)
-        set_lr(optimizer, lr)
-        done = step + 1
-        evaluating = stage.evaluates and evaluate_now(done, cfg)
-        logging = evaluating or done % cfg.log_every == 0 or done == stop
-        record = stage.step(model, optimizer, step, record=logging)
-        if logging:
-            record = {"step": done, **record, "lr": lr, "elapsed_s": time.perf_counter() - t_start}
-            if evaluating:
-                record.update(stage.evaluate(model))
-            metrics.log(record)
-        metrics.advance()
-        if done % cfg.save_every == 0 or done == stop:
-            save(cfg, model, optimizer, done, stage.num_examples, stage.examples_per_step, d, sharded)
-    metrics.close()
+    with Metrics(cfg.out, start, cfg.max_steps, d.is_main) as metrics:
+        for step in range(start, stop):
+            lr = lr_at(step, cfg.optim, cfg.max_steps)
+            set_lr(optimizer, lr)
+            done = step + 1
+            evaluating = stage.evaluates and evaluate_now(done, cfg)
+            logging = evaluating or done % cfg.log_every == 0 or done == stop
+            try:
+                record = stage.step(model, optimizer, step, record=logging)
+            except NonFiniteError as e:  # nothing of this step was saved: the last checkpoint is the one to resume
+                raise ValueError(f"step {done}: {e}; stopped before saving it (the last checkpoint in {cfg.out} is "
+                                 f"intact: fix the cause, e.g. a lower optim.lr, and --resume)") from None
+            if logging:
+                record = {"step": done, **record, "lr": lr, "elapsed_s": time.perf_counter() - t_start}
+                if evaluating:
+                    record.update(stage.evaluate(model))
+                metrics.log(record)
+            metrics.advance()
+            if done % cfg.save_every == 0 or done == stop:
+                save(cfg, model, optimizer, done, stage.num_examples, stage.examples_per_step, d, sharded)
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, d, sharded)
 

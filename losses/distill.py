@@ -126,9 +126,14 @@ class ForwardKL(Divergence):
         logp = torch.log_softmax(upcast(teacher) * scale if scale != 1 else upcast(teacher), -1)  # (n, V)
         logp.clamp_(min=torch.finfo(logp.dtype).min)  # -inf -> finite: the 0 * log 0 terms below give 0, not nan
         p = logp.exp()  # (n, V)
+        # renormalise with torch.sum's cascade sum: torch's CPU log_softmax sums exp in one fp32 SIMD register,
+        # its lse ~3e-5 low at V = 151,936 (kernels/log_softmax.py), which would add ~3e-5 nats to every KL
+        total = p.sum(-1, keepdim=True)  # (n, 1)
+        p.div_(total)
+        logp.sub_(total.log())
         kl = (p * logp.sub_(student, alpha=scale)).sum(-1)  # (n,) sum p (log p - z / T), before z is overwritten
-        # + lse(z / T) * sum_v p_v = sum p (log p - log q); the computed sum p, not 1: its rounding error times
-        # lse is ~20% of a KL of 3e-4 nats over 151,936 tokens. student now holds q
+        # + lse(z / T) * sum_v p_v = sum p (log p - log q), with the computed sum p (its rounding times lse
+        # matters for a small KL). student now holds q
         kl += softmax_(student, scale) * p.sum(-1)  # (n,)
         if weights is not None:
             student.sub_(p).mul_((scale * weights)[:, None])
@@ -148,6 +153,12 @@ class ReverseKL(Divergence):
         logp = torch.log_softmax(upcast(teacher) * scale if scale != 1 else upcast(teacher), -1)  # (n, V)
         logq = torch.log_softmax(student if scale == 1 else student * scale, -1)  # (n, V)
         torch.exp(logq, out=student)  # student now holds q
+        # renormalise both with torch.sum's cascade sum (torch's CPU log_softmax lse is ~3e-5 low at V = 151,936,
+        # kernels/log_softmax.py): q and log q with q's sum, log p with its logsumexp (one [n, V] temporary)
+        total = student.sum(-1, keepdim=True)  # (n, 1)
+        student.div_(total)
+        logq.sub_(total.log())
+        logp.sub_(logp.logsumexp(-1, keepdim=True))
         kl = (student * logq.sub_(logp)).sum(-1)  # (n,) logq now holds log q - log p
         if weights is not None:
             student.mul_(logq.sub_(kl[:, None])).mul_((scale * weights)[:, None])

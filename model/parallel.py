@@ -5,8 +5,6 @@ initialised, so the same code runs under `python` and `torchrun`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -50,7 +48,18 @@ def barrier():
         dist.barrier()
 
 
+class NonFiniteError(ArithmeticError):
+    """A loss or gradient holds NaN or inf: the optimizer step that would apply it must not be taken."""
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """The global L2 norm of the gradients before clipping; clips to max_norm unless it is 0."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+    """The global L2 norm of the gradients before clipping; clips to max_norm unless it is 0. Raises
+    NonFiniteError, gradients untouched, when the norm is NaN or inf (the same on every rank: it is global)."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    if not torch.isfinite(full):
+        raise NonFiniteError(f"the gradient norm is {full.item()}")
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return full

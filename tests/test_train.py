@@ -291,3 +291,30 @@ def test_teacher_is_frozen_in_the_configured_dtype(workspace):
     teacher = load_teacher(cfg, load_tokenizer(workspace / "tok"), torch.device("cpu"))
     assert not teacher.training
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in teacher.parameters())
+
+
+def test_non_finite_loss_stops_before_saving_and_the_run_resumes(workspace, tmp_path, uninterrupted, monkeypatch,
+                                                                  capsys):
+    """A NaN loss at step 3 (a test hook in the SFT loss): one-line error naming the step, no step-3 checkpoint,
+    no final/, finite records only; --resume without the hook then ends bit-identical to an uninterrupted run."""
+    import trainer.supervised as supervised
+    extra = stage_args(workspace, "sft")  # 2 micro-batches per step: call 5 is step 3's first
+    out = tmp_path / "nan"
+    real, calls = supervised.sft_loss, []
+
+    def poisoned(model, batch, cfg):
+        calls.append(1)
+        loss, parts = real(model, batch, cfg)
+        return (loss * float("nan"), parts) if len(calls) == 5 else (loss, parts)
+    monkeypatch.setattr(supervised, "sft_loss", poisoned)
+    assert run_main(base_args(workspace, out, *extra)) == 2
+    err = capsys.readouterr().err  # the progress bar's lines, then the error
+    assert err.splitlines()[-1].startswith("error: step 3: the loss is nan") and "Traceback" not in err, err
+    assert [p.name for p in checkpoint_paths(out)] == ["step_00000001.pt", "step_00000002.pt"]
+    assert not (out / "final").exists() and not (out / "DONE").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    monkeypatch.undo()
+    assert run_main(base_args(workspace, out, *extra, "--resume")) == 0
+    a, b = uninterrupted("sft"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

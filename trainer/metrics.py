@@ -39,7 +39,7 @@ class Metrics:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         shown = {k: record[k] for k in ("loss", "eval_loss", "reward", "accuracy", "eval_accuracy", "lr",
                                         "tokens_per_s") if k in record}
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -51,6 +51,12 @@ class Metrics:
     def close(self):
         if self.enabled:
             self.bar.close()
+
+    def __enter__(self) -> "Metrics":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

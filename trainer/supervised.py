@@ -25,7 +25,7 @@ import torch
 
 from data.templates import IGNORE_INDEX
 from losses import DIVERGENCES, Head, cross_entropy, distill
-from model.parallel import all_reduce_sum, clip_grad_norm, unwrap
+from model.parallel import NonFiniteError, all_reduce_sum, clip_grad_norm, unwrap
 from model.tokenizer import Tokenizer
 from trainer.batches import collate, data_position, load_examples, rank_micro_batches, shifted_targets, steps_per_epoch
 from trainer.config import TrainConfig
@@ -106,6 +106,8 @@ class SupervisedStage:
         t0 = time.perf_counter()
         micro_batches, on_policy = self.get_batch(model, step)
         sums = self.forward_backward(model, micro_batches, on_policy)
+        if not torch.isfinite(sums["loss"]):
+            raise NonFiniteError(f"the loss is {sums['loss'].item()}")
         grad_norm = clip_grad_norm(model, self.cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
