@@ -174,8 +174,19 @@ class JSD(Divergence):
         return logprob_jsd(kernels.log_softmax(student, T), kernels.log_softmax(teacher, T), self.beta)
 
 
+class TotalVariation(Divergence):
+    """TV(p, q) = 1/2 sum_v |p_v - q_v|: symmetric and bounded in [0, 1] (as a distillation objective: Wen et al.
+    2023, "f-Divergence Minimization for Sequence-Level Knowledge Distillation", arXiv:2307.15190)."""
+
+    def __call__(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        q = torch.softmax(upcast(student) / self.temperature, -1)  # (n, V)
+        p = torch.softmax(upcast(teacher) / self.temperature, -1)  # (n, V)
+        return 0.5 * (p - q).abs().sum(-1)
+
+
 # kd.loss -> divergence; a new one is a Divergence subclass and one entry here.
-DIVERGENCES: dict[str, type[Divergence]] = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
+DIVERGENCES: dict[str, type[Divergence]] = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD,
+                                            "tvd": TotalVariation}
 
 
 def distill(student: Logits, teacher: Logits, token_divergence: Divergence, mask: torch.Tensor | None = None,
