@@ -31,7 +31,7 @@ from trainer.distributed import Dist, cleanup, init_distributed
 from trainer.metrics import Metrics
 from trainer.models import build_model, load_teacher
 from trainer.rl_stage import GRPOStage
-from trainer.run import evaluate_now, finish, lr_at, open_run, prepare_out, save, set_lr
+from trainer.run import evaluate_now, finish, input_digests, lr_at, open_run, prepare_out, save, set_lr
 from trainer.supervised import SupervisedStage
 from trainer.traces import write_traces
 
@@ -99,7 +99,8 @@ def train(cfg: TrainConfig, model, stage: SupervisedStage | GRPOStage, resume: s
     """The training loop of every stage: stage.step(model, optimizer, step, record) does one step's work
     (its optimizer steps included) and returns its figures when `record`; everything else is here."""
     resume_path = prepare_out(cfg, resume, d)
-    model, optimizer, start, sharded = open_run(cfg, model, resume_path, stage.num_examples, d)
+    inputs = input_digests(model, stage)
+    model, optimizer, start, sharded = open_run(cfg, model, resume_path, inputs, d)
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     t_start = time.perf_counter()
 
@@ -123,7 +124,7 @@ def train(cfg: TrainConfig, model, stage: SupervisedStage | GRPOStage, resume: s
                 metrics.log(record)
             metrics.advance()
             if done % cfg.save_every == 0 or done == stop:
-                save(cfg, model, optimizer, done, stage.num_examples, stage.examples_per_step, d, sharded)
+                save(cfg, model, optimizer, done, stage, inputs, d, sharded)
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, d, sharded)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -317,4 +318,28 @@ def test_non_finite_loss_stops_before_saving_and_the_run_resumes(workspace, tmp_
     monkeypatch.undo()
     assert run_main(base_args(workspace, out, *extra, "--resume")) == 0
     a, b = uninterrupted("sft"), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_moved_run_resumes_bit_exact_and_changed_content_refuses(workspace, tmp_path, uninterrupted, capsys):
+    """Stop after step 2, move the run directory, copy the data and tokenizer elsewhere, resume through a
+    relative path: bit-identical to an uninterrupted run. Data of other content is refused, naming it."""
+    extra = stage_args(workspace, "sft")
+    first = tmp_path / "first"
+    assert run_main(base_args(workspace, first, *extra, "--set", "stop_at=2")) == 0
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    first.rename(moved)
+    data, tok = tmp_path / "copied.jsonl", tmp_path / "tok_copy"
+    shutil.copy(workspace / "train.jsonl", data)
+    shutil.copytree(workspace / "tok", tok)
+    edited = tmp_path / "edited.jsonl"
+    rows = data.read_text().splitlines()
+    edited.write_text("\n".join([rows[1], rows[0], *rows[2:]]) + "\n")  # same rows, another order
+    relative = os.path.relpath(moved)
+    assert run_main(base_args(workspace, Path(relative), *extra, "--resume", "--data", str(edited))) == 2
+    assert "was trained on other content: training data changed" in capsys.readouterr().err
+    assert run_main(base_args(workspace, Path(relative), *extra, "--resume", "--data", str(data),
+                              "--tokenizer", str(tok))) == 0
+    a, b = uninterrupted("sft"), final_weights(moved)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -32,6 +32,7 @@ from trainer.batches import data_position, rank_micro_batches, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
 from trainer.evaluation import evaluate
+from trainer.run import digest
 from trainer.supervised import autocast
 
 Prompt = tuple[list[int], Any]  # (prompt token ids, reference answer)
@@ -121,6 +122,9 @@ class GRPOStage:
         rows = load_rows(cfg.data.task, cfg.data.path)
         eval_rows = load_rows(cfg.data.task, cfg.data.eval_path) if cfg.data.eval_path else []
         return cls(cfg, d, tokenizer, ref_model, rows, eval_rows)
+
+    def input_digests(self) -> dict[str, str]:
+        return {"training prompts": digest(self.prompts), "eval rows": digest(self.eval_rows)}
 
     def step(self, model, optimizer, step: int, record: bool) -> dict:
         """One rollout batch and grpo.mu optimizer steps on it; its record (collective) when `record`."""

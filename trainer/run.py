@@ -7,6 +7,8 @@ layout, for the base `model`), plots.png, and DONE once everything is written.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 from dataclasses import asdict
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import save_pretrained
-from model.lora import adapter_state, merged_state, save_peft_adapter
+from model.lora import adapter_state, base_fingerprint, merged_state, save_peft_adapter
 from model.parallel import barrier, unwrap
 from model.transformer import Transformer
 from trainer.batches import data_position
@@ -27,6 +29,8 @@ from trainer.metrics import plot_metrics
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 CONFIG_MAY_CHANGE_ON_RESUME = ("stop_at",)
+# Where the inputs live, not what they are: a resumed run compares their content (`input_digests`) instead.
+PATH_KEYS = ("out", "model", "tokenizer", "data.path", "data.eval_path", "kd.teacher")
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -71,7 +75,18 @@ def prepare_out(cfg: TrainConfig, resume: str | None, d: Dist) -> Path | None:
     return None if resume is None else found[-1] if resume == "latest" else Path(resume)
 
 
-def open_run(cfg: TrainConfig, model, resume_path: Path | None, num_examples: int, d: Dist):
+def digest(value) -> str:
+    """A short hash of JSON-able content (token ids, rows)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_digests(model, stage) -> dict[str, str]:
+    """What the run learns from, by content: the initial weights and the stage's inputs (tokenized data,
+    the teacher's weights): a resumed run must find the same."""
+    return {"initial weights": base_fingerprint(model), **stage.input_digests()}
+
+
+def open_run(cfg: TrainConfig, model, resume_path: Path | None, inputs: dict[str, str], d: Dist):
     """Wrap the model for data parallelism, build the optimizer, restore a checkpoint:
     (model, optimizer, first step, sharded)."""
     model = wrap_model(model, cfg.parallel, d.device)
@@ -80,18 +95,21 @@ def open_run(cfg: TrainConfig, model, resume_path: Path | None, num_examples: in
     if resume_path is None:
         return model, optimizer, 0, sharded
     state = load_checkpoint(resume_path, model, optimizer, d.rank, d.world_size, sharded)
-    check_resumed_config(state, cfg, num_examples, resume_path)
+    check_resumed_run(state, cfg, inputs, resume_path)
     return model, optimizer, state["step"], sharded
 
 
-def check_resumed_config(state: dict, cfg: TrainConfig, num_examples: int, path: Path):
+def check_resumed_run(state: dict, cfg: TrainConfig, inputs: dict[str, str], path: Path):
+    """The checkpoint's run has this run's mathematics: the same config but for stop_at and where the inputs
+    live, and inputs of the same content (a moved or respelled run directory, data or tokenizer resumes)."""
     old, new = flat(state["config"]), flat(asdict(cfg))
-    if state["num_examples"] != num_examples:
-        raise ValueError(f"--resume: {path} was trained on {state['num_examples']} examples, "
-                         f"the data now has {num_examples}")
-    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in CONFIG_MAY_CHANGE_ON_RESUME]
+    ignored = CONFIG_MAY_CHANGE_ON_RESUME + PATH_KEYS
+    changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in ignored]
     if changed:
         raise ValueError(f"--resume: {path} was written with a different config: {', '.join(sorted(changed))}")
+    other = [k for k in inputs if state["inputs"].get(k) != inputs[k]]
+    if other:
+        raise ValueError(f"--resume: {path} was trained on other content: {', '.join(other)} changed")
 
 
 def flat(table: dict, prefix: str = "") -> dict:
@@ -99,12 +117,11 @@ def flat(table: dict, prefix: str = "") -> dict:
             for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
 
 
-def save(cfg: TrainConfig, model, optimizer, done: int, num_examples: int, examples_per_step: int, d: Dist,
-         sharded: bool):
+def save(cfg: TrainConfig, model, optimizer, done: int, stage, inputs: dict[str, str], d: Dist, sharded: bool):
     """The training-state checkpoint after step `done` (collective)."""
     save_checkpoint(cfg.out, model, optimizer, done, {
-        "config": asdict(cfg), "data_position": data_position(done, num_examples, examples_per_step),
-        "num_examples": num_examples}, cfg.keep_last, d.is_main, sharded)
+        "config": asdict(cfg), "data_position": data_position(done, stage.num_examples, stage.examples_per_step),
+        "num_examples": stage.num_examples, "inputs": inputs}, cfg.keep_last, d.is_main, sharded)
 
 
 def export(cfg: TrainConfig, model, is_main: bool, sharded: bool):

@@ -25,12 +25,14 @@ import torch
 
 from data.templates import IGNORE_INDEX
 from losses import DIVERGENCES, Head, cross_entropy, distill
+from model.lora import base_fingerprint
 from model.parallel import NonFiniteError, all_reduce_sum, clip_grad_norm, unwrap
 from model.tokenizer import Tokenizer
 from trainer.batches import collate, data_position, load_examples, rank_micro_batches, shifted_targets, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
 from trainer.on_policy import on_policy_step, student_examples
+from trainer.run import digest
 
 
 def autocast(cfg: TrainConfig, device):
@@ -94,6 +96,10 @@ class SupervisedStage:
         examples = load_examples(cfg.data.path, cfg.data, tokenizer)
         eval_examples = load_examples(cfg.data.eval_path, cfg.data, tokenizer) if cfg.data.eval_path else []
         return cls(cfg, d, tokenizer, teacher, examples, eval_examples)
+
+    def input_digests(self) -> dict[str, str]:
+        digests = {"training data": digest(self.examples), "eval data": digest(self.eval_examples)}
+        return {**digests, "teacher weights": base_fingerprint(self.teacher)} if self.teacher is not None else digests
 
     def loss(self, model, batch, on_policy: bool = False):
         if self.teacher is None:
