@@ -103,7 +103,8 @@ def test_invalid_utf8_names_file_and_line(tmp_path, name):
     data = b"\n".join(lines) + b"\n"
     path = tmp_path / name
     path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not valid UTF-8 (byte 0xe9 at position 16 of the line)")):
+    expected = f"{path}:3: not valid UTF-8 (byte 0xe9 at position 16 of the line)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         load_prompt_completion(path)
     good = b"\n".join(lines[:2]) + b"\n"
     path.write_bytes(gzip.compress(good) if name.endswith(".gz") else good)
