@@ -10,6 +10,9 @@ table shows k = 1, 2, 4, ... < n and n. Outputs in --out: generations.jsonl (one
 sample, prompt, completion, finish_reason, extracted, score, note) and summary.json.
 """
 import argparse
+import math
+import sys
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,7 @@ from data.passk import report_ks
 from data.tasks import TASKS, load_rows, read_completions, score
 from data.templates import STYLES
 from model.generate import SamplingParams
+from trainer import cli
 from trainer.evaluation import evaluate, load_model, write_outputs
 
 
@@ -30,7 +34,7 @@ def print_table(summary: dict):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, help="benchmark file (.jsonl or .jsonl.gz)")
     p.add_argument("--model", help="checkpoint directory (HF layout)")
@@ -48,23 +52,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="directory for generations.jsonl and summary.json")
     args = p.parse_args(argv)
-    if (args.model is None) == (args.completions is None):
-        p.error("give exactly one of --model (generate and grade) or --completions (grade only)")
-    if args.n_samples > 1 and args.temperature == 0:
-        p.error("--n-samples > 1 with --temperature 0 gives n identical greedy samples; set --temperature > 0")
+    check_args(args)
     return args
 
 
+def check_args(args: argparse.Namespace):
+    """Every flag, before any file is read or model loaded: a one-line error naming the flag."""
+    if (args.model is None) == (args.completions is None):
+        raise ValueError("give exactly one of --model (generate and grade) or --completions (grade only)")
+    ranges = [("--n-samples", args.n_samples, args.n_samples >= 1, ">= 1"),
+              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+              ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+              ("--seed", args.seed, args.seed >= 0, ">= 0"),
+              ("--temperature", args.temperature, 0 <= args.temperature < math.inf, "a finite number >= 0"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+              ("--limit", args.limit, args.limit is None or args.limit >= 1, ">= 1"),
+              ("--workers", args.workers, args.workers is None or args.workers >= 1, ">= 1")]
+    for flag, value, ok, expected in ranges:
+        if not ok:
+            raise ValueError(f"{flag} must be {expected}, got {value}")
+    if args.n_samples > 1 and args.temperature == 0:
+        raise ValueError("--n-samples > 1 with --temperature 0 gives n identical greedy samples; set --temperature > 0")
+    for flag, path in (("--data", args.data), ("--completions", args.completions)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag}: file {path} not found")
+    for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag}: directory {path} not found")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} exists and is not a directory")
+    if args.model is not None:
+        check_device(args.device)
+
+
+def check_device(device: str):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+
+
+def make_out(out: str | None):
+    """--out before the work: an unwritable directory fails now, not after grading everything."""
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+
+
 def main(argv=None) -> dict:
+    """Evaluate (or grade) and print the summary table; returns the summary."""
     args = parse_args(argv)
     rows = load_rows(args.task, args.data)[:args.limit]
     if args.completions:
         rows, completions = read_completions(args.completions, rows)
+        make_out(args.out)
         records, summary = score(rows, args.task, completions, args.workers)
         if args.out:
             write_outputs(args.out, records, summary)
     else:
         model, tokenizer = load_model(args.model, args.tokenizer or args.model, args.device)
+        make_out(args.out)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, n=args.n_samples, seed=args.seed)
         summary = evaluate(model, tokenizer, rows, args.task, params, args.style, args.batch_size, args.workers,
@@ -74,4 +122,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -31,7 +31,6 @@ same `grpo_steps` rollout batches, so sft_grpo vs sft and kd_grpo vs kd_forward 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -50,6 +49,7 @@ from data.synthetic import corpus_texts, write_jsonl, write_splits
 from model.config import PRESETS
 from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer, train_tokenizer
+from trainer import cli
 from trainer.checkpoint import checkpoint_paths
 from trainer.evaluation import evaluate, load_model
 from trainer.metrics import read_metrics
@@ -188,11 +188,11 @@ def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | No
 
 
 def run_train(stage_name: str, args: list[str]):
-    """train.main in-process; resumes a run directory that holds checkpoints (a killed stage)."""
+    """train.py's stage in-process (its errors propagate); resumes a run directory that holds checkpoints
+    (a killed stage)."""
     out = Path(args[args.index("--out") + 1])
     resume = ["--resume"] if checkpoint_paths(out) else []
-    if train.main(["--stage", stage_name, *args, *resume]) != 0:
-        raise RuntimeError(f"train.py failed for {out} (its error is printed above)")
+    train.execute(["--stage", stage_name, *args, *resume])
 
 
 def preset(cfg: StudyConfig, method: Method) -> str:
@@ -481,14 +481,14 @@ def write_report(out: Path, cfg: StudyConfig, methods: dict, seeds: int):
 # ------------------------------------------------------------------ main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="study.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/study", help="study directory (stages are cached in it)")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks the machinery in about two minutes")
     p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1; report mean ± std")
     p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
     if args.seeds < 1:
-        p.error("--seeds must be >= 1")
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     return args
 
 
@@ -502,20 +502,19 @@ def check_config(out: Path, cfg: StudyConfig, force: bool):
 
 
 def main(argv=None) -> int:
+    """0 when the report is written, 2 with a one-line error otherwise (trainer/cli.py)."""
+    return cli.run(run_study, argv)
+
+
+def run_study(argv):
     args = parse_args(argv)
     cfg = QUICK if args.quick else StudyConfig()
     out = Path(args.out)
-    try:
-        check_config(out, cfg, args.force)
-        prepare_data(cfg, out / "data", args.force)
-        per_seed = [run_seed(Run(cfg, seed, out / "data", out / f"seed_{seed}", args.force))
-                    for seed in range(args.seeds)]
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_config(out, cfg, args.force)
+    prepare_data(cfg, out / "data", args.force)
+    per_seed = [run_seed(Run(cfg, seed, out / "data", out / f"seed_{seed}", args.force)) for seed in range(args.seeds)]
     vocab_size = load_tokenizer(out / "data" / "tokenizer").vocab_size
     write_report(out, cfg, aggregate(cfg, per_seed, vocab_size), args.seeds)
-    return 0
 
 
 if __name__ == "__main__":

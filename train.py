@@ -20,12 +20,12 @@ The run directory's files: trainer/run.py.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from model.parallel import NonFiniteError
 from model.tokenizer import load_tokenizer
+from trainer import cli
 from trainer.config import STAGES, TrainConfig, load_config
 from trainer.distributed import Dist, cleanup, init_distributed
 from trainer.metrics import Metrics
@@ -37,7 +37,7 @@ from trainer.traces import write_traces
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], epilog=(
         "Any config key (trainer/config.py) is also a flag: --max-steps 10, --optim.lr 1e-4, "
         "or --set kd.loss=reverse_kl. Values are parsed as TOML."))
     p.add_argument("--recipe", help="TOML recipe (recipes/*.toml); flags and overrides win over it")
@@ -66,23 +66,25 @@ def resolve_config(args, overrides) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+    """0 when the run is complete (or stopped at stop_at), 2 with a one-line error otherwise."""
     try:
-        args, overrides = parse_args(argv)
-        d = init_distributed()
-        cfg = resolve_config(args, overrides)
-        if cfg.stage == "gen":
-            if args.resume:
-                raise ValueError("--resume applies to training stages; stage 'gen' writes its traces in one go")
-            write_traces(cfg, d)
-        else:
-            model, stage = build_stage(cfg, d)
-            train(cfg, model, stage, args.resume, d)
-        return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.run(execute, argv)
     finally:
         cleanup()
+
+
+def execute(argv):
+    """Stage gen, or a training stage through the loop below."""
+    args, overrides = parse_args(argv)
+    d = init_distributed()
+    cfg = resolve_config(args, overrides)
+    if cfg.stage == "gen":
+        if args.resume:
+            raise ValueError("--resume applies to training stages; stage 'gen' writes its traces in one go")
+        write_traces(cfg, d)
+    else:
+        model, stage = build_stage(cfg, d)
+        train(cfg, model, stage, args.resume, d)
 
 
 def build_stage(cfg: TrainConfig, d: Dist):

@@ -70,5 +70,5 @@ def test_main_with_model_and_code_task(tiny, tmp_path):
     expected = {"problems": 1, "samples_per_problem": 3, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 3, "seed": 5}
     assert {key: sampled[key] for key in expected} == expected
     assert [f"pass@{k}" in sampled for k in (1, 2, 3, 4)] == [True, True, True, False]
-    with pytest.raises(SystemExit):  # n > 1 identical greedy samples is refused
+    with pytest.raises(ValueError, match="identical greedy samples"):  # n > 1 greedy samples is refused
         evaluation.parse_args(["--model", "m", "--task", "gsm8k", "--data", "d", "--n-samples", "4"])
