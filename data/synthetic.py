@@ -134,9 +134,10 @@ def _random_argument(rng: random.Random, kind: str):
 def _code_task(index: int, spec: CodeSpec, rng: random.Random, n_tests: int = 4) -> dict:
     """A HumanEval row: prompt (def line + docstring with one example), body, check(candidate), entry point."""
     inputs = []
-    while len(inputs) < n_tests:  # distinct inputs, so each assert checks something new
+    while len(inputs) < n_tests:  # distinct inputs, so each assert checks something new ...
         x = _random_argument(rng, spec.argument)
-        if x not in inputs:
+        constant = len(inputs) == n_tests - 1 and all(spec.reference(x) == spec.reference(i) for i in inputs)
+        if x not in inputs and not constant:  # ... and two expected values at least, so no constant passes
             inputs.append(x)
     prompt = (f"def {spec.entry_point}({spec.arguments}) -> {spec.returns}:\n    \"\"\"{spec.doc}\n"
               f"    >>> {spec.entry_point}({inputs[0]!r})\n    {spec.reference(inputs[0])!r}\n    \"\"\"\n")

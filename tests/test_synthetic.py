@@ -93,6 +93,8 @@ def test_code_tasks_canonical_solutions_pass():
         namespace["check"](namespace[task["entry_point"]])
         with pytest.raises(AssertionError):  # the tests reject a wrong function
             namespace["check"](lambda x: None)
+        expected = {line.split(" == ", 1)[1] for line in task["test"].splitlines() if " == " in line}
+        assert len(expected) >= 2, task["task_id"]  # no constant function passes
     with pytest.raises(ValueError, match="only"):
         make_code_tasks(seed=0, n=len(code_specs()) + 1)
 
