@@ -100,7 +100,7 @@ def build_stage(cfg: TrainConfig, d: Dist):
 def train(cfg: TrainConfig, model, stage: SupervisedStage | GRPOStage, resume: str | None, d: Dist):
     """The training loop of every stage: stage.step(model, optimizer, step, record) does one step's work
     (its optimizer steps included) and returns its figures when `record`; everything else is here."""
-    resume_path = prepare_out(cfg, resume, d)
+    resume_path, lock = prepare_out(cfg, resume, d)
     inputs = input_digests(model, stage)
     model, optimizer, start, sharded = open_run(cfg, model, resume_path, inputs, d)
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
@@ -129,6 +129,8 @@ def train(cfg: TrainConfig, model, stage: SupervisedStage | GRPOStage, resume: s
                 save(cfg, model, optimizer, done, stage, inputs, d, sharded)
     if stop == cfg.max_steps:  # else stopped early on purpose (stop_at): resume later with --resume
         finish(cfg, model, d, sharded)
+    if lock is not None:
+        lock.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import synthetic_workspace
-from model.checkpoint import load_pretrained, save_pretrained
+from model.checkpoint import export_temp_prefix, load_pretrained, save_pretrained
 from model.config import PRESETS
 from model.tokenizer import train_tokenizer
 from model.transformer import Transformer
@@ -183,8 +184,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(workspace, tm
     optimizer = build_optimizer(model, OptimConfig())
     state = load_checkpoint(checkpoint_paths(out)[-1], model, optimizer, rank=0, world_size=1, sharded=False)
     assert state["step"] == 1
+    torn_export = out / (export_temp_prefix(out / "final") + "ab_cd123")  # as a kill during export leaves it
+    torn_export.mkdir()
+    (torn_export / "model.safetensors").write_bytes(b"half")
     assert run_main(args + ["--resume"]) == 0
-    assert not list((out / "checkpoints").glob(".*.tmp"))  # the torn file is cleaned up by the next save
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # a dead run's temps are removed at the next start
+    assert not torn_export.exists()
     a, b = final_weights(out), uninterrupted("sft")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -343,3 +348,28 @@ def test_a_moved_run_resumes_bit_exact_and_changed_content_refuses(workspace, tm
                               "--tokenizer", str(tok))) == 0
     a, b = uninterrupted("sft"), final_weights(moved)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_run_on_the_same_out_fails_at_once(workspace, tmp_path, capsys):
+    """Run A holds <out>/.lock; run B on the same --out stops at once naming A's pid and writes nothing; A ends
+    with its own records only."""
+    out = tmp_path / "shared"
+    args = base_args(workspace, out, "--max-steps", "40", "--set", "save_every=10")
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.toml").exists():  # written once A holds the lock
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert run_main(base_args(workspace, out, "--max-steps", "40", "--resume")) == 2
+        assert run_main(base_args(workspace, out, "--max-steps", "40")) == 2
+        assert time.monotonic() - started < 30
+        err = capsys.readouterr().err
+        assert err.count(f"is in use by process {first.pid}") == 2, err
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    finally:
+        first.kill()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41)) and (out / "DONE").exists()

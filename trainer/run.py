@@ -18,10 +18,11 @@ import torch
 
 from model.checkpoint import save_pretrained
 from model.lora import adapter_state, base_fingerprint, merged_state, save_peft_adapter
-from model.parallel import barrier, unwrap
+from model.parallel import all_gather_objects, barrier, unwrap
 from model.transformer import Transformer
 from trainer.batches import data_position
-from trainer.checkpoint import checkpoint_paths, full_model_state, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (checkpoint_paths, full_model_state, load_checkpoint, lock_run_dir, remove_stale_temps,
+                                save_checkpoint)
 from trainer.config import OptimConfig, TrainConfig, to_toml
 from trainer.distributed import Dist, wrap_model
 from trainer.metrics import plot_metrics
@@ -59,20 +60,32 @@ def evaluate_now(done: int, cfg: TrainConfig) -> bool:
     return done == cfg.max_steps or cfg.eval_every > 0 and done % cfg.eval_every == 0
 
 
-def prepare_out(cfg: TrainConfig, resume: str | None, d: Dist) -> Path | None:
-    """The run directory (created only now, after every input validated) and the checkpoint to resume."""
+def prepare_out(cfg: TrainConfig, resume: str | None, d: Dist):
+    """Take the run directory (created now, after every input was validated; rank 0 holds its lock for the
+    run) and find the checkpoint to resume: (checkpoint path or None, the lock file to keep open)."""
     out = Path(cfg.out)
+    missing = FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if resume == "latest" and not out.is_dir():  # before the lock creates the directory
+        raise missing
+    lock, error = None, None
+    if d.is_main:
+        try:
+            lock = lock_run_dir(out)
+        except ValueError as e:  # another run holds it: every rank stops, not only rank 0
+            error = str(e)
+    if error := all_gather_objects(error)[0]:
+        raise ValueError(error)
     found = checkpoint_paths(out)
     if resume is None and found:
         raise ValueError(f"{out} already holds checkpoints; pass --resume or choose another --out")
     if resume == "latest" and not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        raise missing
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # what a killed run of this directory left half-written
         (out / "DONE").unlink(missing_ok=True)
         (out / "config.toml").write_text(to_toml(cfg))
     barrier()
-    return None if resume is None else found[-1] if resume == "latest" else Path(resume)
+    return (None if resume is None else found[-1] if resume == "latest" else Path(resume)), lock
 
 
 def digest(value) -> str:

@@ -70,10 +70,11 @@ def write_traces(cfg: TrainConfig, d: Dist):
     rows = load_gsm8k(cfg.data.path)
     with autocast(cfg, d.device):
         traces = teacher_traces(model, tokenizer, rows, cfg, d)
-    prepare_out(cfg, None, d)
+    _, lock = prepare_out(cfg, None, d)
     if d.is_main:
         out = Path(cfg.out)
         write_jsonl(out / "traces.jsonl", traces)
         print(summary(rows, traces, cfg))
         (out / "DONE").write_text(f"{len(traces)} traces\n")
+        lock.close()
     barrier()
