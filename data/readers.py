@@ -148,3 +148,7 @@ def load_chat(path: str | Path) -> list[dict]:
 def load_prompt_completion(path: str | Path) -> list[dict]:
     """Rows {prompt, completion} (plain-text SFT / distillation pairs)."""
     return [_strings(record, ("prompt", "completion"), where) for where, record in iter_jsonl(path)]
+
+
+# data.format of a training file -> its reader
+TRAINING_FORMATS = {"gsm8k": load_gsm8k, "chat": load_chat, "prompt_completion": load_prompt_completion}

@@ -15,15 +15,12 @@ from pathlib import Path
 
 import torch
 
-from data.readers import load_chat, load_gsm8k, load_prompt_completion
+from data.readers import TRAINING_FORMATS
 from data.templates import IGNORE_INDEX, chat_example, format_completion, render_prompt, tokenize_example
 from model.tokenizer import Tokenizer
 from trainer.config import DataConfig
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels) with -100 on tokens not learned
-
-
-LOADERS = {"chat": load_chat, "gsm8k": load_gsm8k, "prompt_completion": load_prompt_completion}
 
 
 def tokenize_row(row: dict, cfg: DataConfig, tokenizer: Tokenizer) -> Example:
@@ -43,7 +40,7 @@ def load_examples(path: str, cfg: DataConfig, tokenizer: Tokenizer) -> list[Exam
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file {path} not found")
     examples = []
-    for i, row in enumerate(LOADERS[cfg.format](path)):
+    for i, row in enumerate(TRAINING_FORMATS[cfg.format](path)):
         try:
             examples.append(tokenize_row(row, cfg, tokenizer))
         except ValueError as e:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from data.readers import TRAINING_FORMATS
 from data.tasks import TASKS
 from data.templates import STYLES
 from losses import DIVERGENCES
@@ -110,9 +111,8 @@ class TrainConfig:
 SECTIONS = {TrainConfig: {"data": DataConfig, "optim": OptimConfig, "kd": KDConfig, "gen": GenConfig,
                           "grpo": GRPOConfig, "lora": LoRAConfig}}
 STAGES = ("sft", "kd", "gen", "rl")
-FORMATS = ("gsm8k", "chat", "prompt_completion")  # trainer/batches.py LOADERS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHOICES = {"stage": STAGES, "parallel": ("ddp", "fsdp"), "data.format": FORMATS, "data.style": STYLES,
+CHOICES = {"stage": STAGES, "parallel": ("ddp", "fsdp"), "data.format": tuple(TRAINING_FORMATS), "data.style": STYLES,
            "data.task": tuple(TASKS), "kd.loss": tuple(DIVERGENCES), "kd.teacher_dtype": tuple(DTYPES)}
 POSITIVE = ("max_steps", "chunk_size", "log_every", "save_every", "keep_last", "data.max_len",
             "data.micro_batch_size", "data.grad_accum_steps", "optim.lr", "kd.temperature", "kd.on_policy_max_new_tokens",
