@@ -1,7 +1,8 @@
-"""The models a run starts from: the trained model (a preset with random init or an HF directory, with
-LoRA adapters when lora.rank > 0) and stage kd's frozen teacher."""
+"""The models of a run: the trained model (a preset with random init or an HF directory, with LoRA adapters
+when lora.rank > 0), stage kd's frozen teacher, and the precision their forwards run in."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,3 +52,8 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     """Same ids for the same strings: equal sizes, special tokens and every id's text."""
     return (a.vocab_size == b.vocab_size and a.special_tokens == b.special_tokens
             and all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size)))
+
+
+def autocast(cfg: TrainConfig, device):
+    """bf16 autocast on CUDA when cfg.bf16; fp32 elsewhere (CPU always runs fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()

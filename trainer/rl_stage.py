@@ -32,8 +32,8 @@ from trainer.batches import data_position, rank_micro_batches, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
 from trainer.evaluation import evaluate
+from trainer.models import autocast
 from trainer.run import digest
-from trainer.supervised import autocast
 
 Prompt = tuple[list[int], Any]  # (prompt token ids, reference answer)
 PER_COMPLETION = ("reward", "zero_std_frac", "completion_len", "truncated_frac")  # equal counts on every rank

@@ -31,12 +31,9 @@ from model.tokenizer import Tokenizer
 from trainer.batches import collate, data_position, load_examples, rank_micro_batches, shifted_targets, steps_per_epoch
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
+from trainer.models import autocast
 from trainer.on_policy import on_policy_step, student_examples
 from trainer.run import digest
-
-
-def autocast(cfg: TrainConfig, device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda" else nullcontext()
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

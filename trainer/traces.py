@@ -21,9 +21,8 @@ from model.parallel import all_gather_objects, barrier
 from model.tokenizer import load_tokenizer
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
-from trainer.models import build_model
+from trainer.models import autocast, build_model
 from trainer.run import prepare_out
-from trainer.supervised import autocast
 
 
 def sampling_params(cfg: TrainConfig) -> SamplingParams:
