@@ -1,16 +1,18 @@
 """The study in miniature: a teacher, a base student and student variants on the synthetic task, on CPU.
 
-    python study.py                 # default sizes (StudyConfig), into runs/study
-    python study.py --quick         # toy sizes: the same pipeline in about two minutes (machinery, not accuracy)
-    python study.py --seeds 3       # every model trained with seeds 0, 1, 2; the tables give mean ± std
+    python study.py                 # default sizes (StudyConfig), seeds 0, 1, 2, into runs/study
+    python study.py --quick         # toy sizes, 2 seeds: the same pipeline in about two minutes (machinery, not accuracy)
+    python study.py --seeds 5       # students trained with seeds 0..4 (the teacher is trained once)
+    python study.py --jobs 1        # one worker process instead of one per core (the same results)
     python study.py --force         # redo every stage instead of reusing finished ones
 
-Stages, top to bottom (each writes <out>/.../<stage>/ and is skipped once its DONE marker exists;
-a killed training stage resumes from its last checkpoint with train.py --resume):
+Stages (each writes its directory and is skipped once its DONE marker exists; a killed training stage
+resumes from its last checkpoint with train.py --resume):
 
     data        data/synthetic.py: train / test / harder splits (harder: 4-5 reasoning steps where
                 training has 1-3), and a sentencepiece tokenizer trained on the train split
-    teacher     preset tiny-teacher, SFT on the train split                      train.py --stage sft
+    teacher     preset tiny-teacher, SFT on the train split, trained once (seed 0) and shared by every
+                seed, as in the paper (one teacher)                             train.py --stage sft
     base        preset tiny-student, a short SFT: it follows the answer format but reasons poorly,
                 our stand-in for an "Instruct" checkpoint; every student variant starts from it
     sft         more SFT on the train labels                                     train.py --stage sft
@@ -20,9 +22,23 @@ a killed training stage resumes from its last checkpoint with train.py --resume)
     kd_reverse  logit KD with the reverse KL(q_student || p_teacher) (MiniLLM, Gu et al. 2024)
     grpo, sft_grpo, kd_grpo
                 GRPO from base / sft / kd_forward on the train questions         train.py --stage rl
-    eval        eval.evaluate on test and harder: greedy pass@1, and pass@k from k samples at a temperature
-    report      results.json, results.md, results.png (accuracy per method and split), rl_curve.png
-                (GRPO rollout accuracy per step), and the table printed
+    eval        eval.evaluate of each final model on test and harder: greedy pass@1, and pass@k from k
+                samples at a temperature
+    curve       greedy pass@1 on test of each intermediate checkpoint (every 1/curve_points of the budget)
+    report      results.json, results.md (mean and per-seed tables, paired differences with 95% intervals
+                and verdicts, machine, commit, wall time), results.png, curves.png (accuracy vs steps and
+                vs training seconds, band = range over seeds), rl_curve.png (GRPO rollout accuracy and
+                share of zero-variance groups per step)
+
+Seeds: a seed sets a student's init, data order and sampling (seq_kd's traces, GRPO's rollouts, the
+sampled eval); the data, the tokenizer and the teacher are the same for every seed. Every comparison
+the report states is a paired difference over seeds x problems with a bootstrap 95% interval
+(data/stats.py), a finding only when the interval excludes 0.
+
+Schedule: the stages form a graph (a stage needs the stages whose outputs it reads); `--jobs` worker
+processes of one torch thread each run every stage as soon as its needs are done. A stage's result is
+a function of its inputs and seeds only, so the schedule does not change it (tested: bit-identical
+weights with --jobs 1 and --jobs 2).
 
 Equal budgets: sft, seq_kd, kd_forward and kd_reverse each take `variant_steps` optimizer steps of
 `batch_size` sequences from base; their compute differs (logit KD adds a teacher forward per step,
@@ -33,18 +49,26 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import platform
+import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 import train
 from data.readers import load_gsm8k
+from data.stats import paired_difference, verdict
 from data.synthetic import corpus_texts, write_jsonl, write_splits
 from model.config import PRESETS
 from model.generate import SamplingParams
@@ -56,24 +80,13 @@ from trainer.metrics import read_metrics
 
 SPLITS = ("test", "harder")
 Z95 = 1.959964  # two-sided 95% normal quantile
+SHARED = ("teacher",)  # trained once, with seed 0, and used by every seed
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Sizes of one study. Steps are optimizer steps of `batch_size` sequences.
-
-    Default sizes, from scratch runs on this task (chat style, this tokenizer, lr 3e-3 with cosine
-    decay, greedy accuracy on 100 test problems): the tiny-student is at 12% / 24% / 69% / 88% after
-    150 / 300 / 450 / 600 steps of a 600-step schedule (26% after a 300-step one): accuracy jumps
-    once the model has learned the arithmetic, between ~300 and ~500 steps. So base gets 200 steps
-    (the format, not yet the arithmetic) and every variant 300 more, which puts plain SFT inside
-    the jump, where better training signals can show. GRPO at lr 1e-4 or 3e-4 lowered the greedy
-    accuracy of a 26% student within 30 steps (to 19% / 9%) and left an 88% one within noise (85-90%);
-    3e-5 did not hurt (89-91%), hence grpo_lr. The teacher (tiny-teacher, 5.5x the student's
-    parameters) learns slower per step: 2% after 100 steps, and 56.5% after 500 steps at the
-    student's lr 3e-3 (a first run of this study); hence 600 steps at half the lr (Adam's update of
-    a wider layer moves its output more per step; large-model recipes also lower lr with width).
-    """
+    """Sizes of one study. Steps are optimizer steps of `batch_size` sequences. The runs behind these
+    sizes, and what they showed, are logged in docs/study/experiments.md."""
     teacher: str = "tiny-teacher"  # model presets
     student: str = "tiny-student"
     n_train: int = 16_000  # 1.2 epochs of the teacher's steps
@@ -101,6 +114,10 @@ class StudyConfig:
     pass_k: int = 4  # sampled eval: k samples per problem, pass@k
     temperature: float = 0.8  # sampled eval
     eval_batch: int = 100  # prompts generated together
+    curve_points: int = 4  # learning curves: a checkpoint every 1/curve_points of each budget, greedy on test
+    # The "Instruct" stand-in's selectable wrong behaviour: this share of base's demonstrations ends with
+    # "#### N+1" instead of "#### N" (0: base trains on the clean train split)
+    instruct_corruption: float = 0.0
 
 
 # Toy sizes: every stage runs, nothing is learned. The toy teacher is the student preset, trained
@@ -114,16 +131,39 @@ QUICK = StudyConfig(teacher="tiny-student", n_train=32, n_test=4, n_harder=2, ba
 
 @dataclass(frozen=True)
 class Run:
-    """One seed's study. The seed sets model init, data order and sampling; the data and the
-    tokenizer are the same for every seed (generated with seed 0), so seeds differ in training only."""
+    """One seed's study in study directory `out`: seed_<seed>/<stage>/, and the shared teacher's
+    <out>/teacher/, <out>/eval/teacher/, <out>/curve/teacher/ (trained and evaluated with seed 0)."""
     cfg: StudyConfig
     seed: int
-    data: Path  # <out>/data: splits and tokenizer (shared by all seeds)
-    root: Path  # <out>/seed_<seed>
-    force: bool
+    out: Path
 
-    def final(self, stage: str) -> str:
-        return str(self.root / stage / "final")
+    @property
+    def data(self) -> Path:  # splits and tokenizer (shared by all seeds)
+        return self.out / "data"
+
+    def home(self, name: str) -> Path:
+        return self.out if name in SHARED else self.out / f"seed_{self.seed}"
+
+    def dir(self, name: str) -> Path:
+        return self.home(name) / name
+
+    def final(self, name: str) -> str:
+        return str(self.dir(name) / "final")
+
+    def eval_dir(self, name: str) -> Path:
+        return self.home(name) / "eval" / name
+
+    def curve_dir(self, name: str) -> Path:
+        return self.home(name) / "curve" / name
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of work: job = (function, args) runs in a worker process and fills `path` (its DONE
+    marker last); it may start once every path in `needs` is done."""
+    path: Path
+    job: tuple[Callable, tuple]
+    needs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,57 +173,95 @@ class Method:
     start: str | None  # the method whose final model it starts from (None: random init)
     steps: Callable[[StudyConfig], int]  # its training budget: optimizer steps ...
     per_step: Callable[[StudyConfig], str]  # ... of what
-    train: Callable[[Run, "Method"], float]  # trains it (cached stages), returns seconds
+    plan: Callable[[Run, "Method"], list[Stage]]  # its training stages, in order
 
 
 # ------------------------------------------------------------------ stages
 
-def stage(path: Path, force: bool, work: Callable[[], None]) -> float | None:
-    """Run `work` unless path/DONE exists (then print a skip line); return its seconds.
-
-    Training stages get DONE from train.py; other stages write it here after `work`. The seconds
-    are stored in path/seconds.txt (a resumed stage counts its last invocation only).
-    """
-    if force and path.exists():
-        shutil.rmtree(path)
-    seconds_file = path / "seconds.txt"
-    if (path / "DONE").exists():
-        print(f"[study] skip {path} (done)")
-        return float(seconds_file.read_text()) if seconds_file.exists() else None
-    print(f"[study] run {path}")
+def run_job(path: Path, function: Callable, args: tuple) -> float:
+    """function(*args), which fills `path`; then path/seconds.txt and path/DONE (unless train.py wrote it)."""
     t0 = time.perf_counter()
-    work()
+    function(*args)
     seconds = round(time.perf_counter() - t0, 1)  # as stored, so a re-run reports the same figure
     path.mkdir(parents=True, exist_ok=True)
-    seconds_file.write_text(f"{seconds}\n")
+    (path / "seconds.txt").write_text(f"{seconds}\n")
     if not (path / "DONE").exists():
         (path / "DONE").write_text("done\n")
     return seconds
 
 
-def prepare_data(cfg: StudyConfig, out: Path, force: bool):
-    """Splits, the seq_kd question subset, and the tokenizer trained on the train split."""
-    def work():
-        paths = write_splits(out, seed=0, n_train=cfg.n_train, n_test=cfg.n_test, n_harder=cfg.n_harder, n_code=1)
-        train_rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
-        write_jsonl(out / "questions.jsonl", train_rows[:cfg.gen_questions])
-        train_tokenizer(corpus_texts(train_rows), out / "tokenizer", cfg.vocab_size)
-    stage(out, force, work)
+def start_worker():
+    torch.set_num_threads(1)
+
+
+def run_stages(stages: list[Stage], jobs: int, force: bool):
+    """Run every stage not yet done, each once its needs are done, at most `jobs` at a time in worker
+    processes of one torch thread each (spawned: no state is inherited; stages are submitted in list
+    order). A stage's error is raised here after the stages already running have finished."""
+    for s in stages:
+        if force and s.path.exists():
+            shutil.rmtree(s.path)
+    done = {s.path for s in stages if (s.path / "DONE").exists()}
+    for path in done:
+        print(f"[study] skip {path} (done)")
+    pending = [s for s in stages if s.path not in done]
+    if not pending:
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker) as pool:
+        running = {}
+        while pending or running:
+            for s in [s for s in pending if set(s.needs) <= done][:jobs - len(running)]:
+                print(f"[study] run {s.path}", flush=True)
+                pending.remove(s)
+                running[pool.submit(run_job, s.path, *s.job)] = s
+            if not running:
+                raise RuntimeError(f"stages wait on stages that are not planned: {[str(s.path) for s in pending]}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                future.result()  # the worker's error, raised here
+                done.add(stage.path)
+
+
+def corrupt_answers(rows: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """The rows with a seeded random `fraction` of them ending in "#### N+1" instead of "#### N"."""
+    chosen = set(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
+    out = []
+    for i, row in enumerate(rows):
+        if i in chosen:
+            body, answer = row["answer"].rsplit("#### ", 1)
+            row = {**row, "answer": f"{body}#### {int(answer) + 1}"}
+        out.append(row)
+    return out
+
+
+def prepare_data(cfg: StudyConfig, out: Path):
+    """Splits, the seq_kd question subset, base's demonstrations (when corrupted) and the tokenizer
+    trained on the train split."""
+    paths = write_splits(out, seed=0, n_train=cfg.n_train, n_test=cfg.n_test, n_harder=cfg.n_harder, n_code=1)
+    train_rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    write_jsonl(out / "questions.jsonl", train_rows[:cfg.gen_questions])
+    if cfg.instruct_corruption:
+        write_jsonl(out / "base_train.jsonl", corrupt_answers(train_rows, cfg.instruct_corruption))
+    train_tokenizer(corpus_texts(train_rows), out / "tokenizer", cfg.vocab_size)
 
 
 def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | None,
                settings: dict | None = None) -> list[str]:
     """train.py arguments of a study stage: `steps` for training stages (None: stage gen), and
-    `settings` ({config key: value}) over the study's common ones."""
+    `settings` ({config key: value}) over the study's common ones. Training stages keep a checkpoint
+    every 1/curve_points of their steps (the learning curve's points)."""
     cfg = run.cfg
     sets = {"seed": run.seed, "data.micro_batch_size": cfg.batch_size, "data.max_len": cfg.max_len,
             "data.style": "chat", "data.task": "synthetic"}
     if steps is not None:
         sets.update({"optim.lr": cfg.lr, "optim.warmup_steps": min(cfg.warmup_steps, steps),
-                     "log_every": max(1, steps // 20), "save_every": max(1, steps // 4)})
+                     "log_every": max(1, steps // 20), "save_every": max(1, steps // cfg.curve_points),
+                     "keep_last": cfg.curve_points})
     sets.update(settings or {})
     return ["--model", model, "--tokenizer", str(run.data / "tokenizer"), "--data", data,
-            "--out", str(run.root / stage_name), *(["--max-steps", str(steps)] if steps else []),
+            "--out", str(run.dir(stage_name)), *(["--max-steps", str(steps)] if steps else []),
             *[f"--set={k}={v}" for k, v in sets.items()]]
 
 
@@ -209,33 +287,39 @@ def method_args(run: Run, method: Method, data: str, settings: dict | None = Non
     return train_args(run, method.name, start_model(run, method), data, method.steps(run.cfg), settings)
 
 
-def train_sft(run: Run, method: Method) -> float:
-    """SFT on the train split's reference solutions."""
+def training(run: Run, method: Method, stage_name: str, args: list[str], *needs: Path) -> Stage:
+    """The stage that trains `method` with train.py's `stage_name`; it needs the data, its start and `needs`."""
+    start = (run.dir(method.start),) if method.start else ()
+    return Stage(run.dir(method.name), (run_train, (stage_name, args)), (run.data, *start, *needs))
+
+
+def plan_sft(run: Run, method: Method) -> list[Stage]:
+    """SFT on the train split's reference solutions (base: on base_train.jsonl when corrupted)."""
     settings = {"optim.lr": run.cfg.teacher_lr} if method.name == "teacher" else None
-    args = method_args(run, method, str(run.data / "train.jsonl"), settings)
-    return stage(run.root / method.name, run.force, lambda: run_train("sft", args))
+    data = "base_train.jsonl" if method.name == "base" and run.cfg.instruct_corruption else "train.jsonl"
+    return [training(run, method, "sft", method_args(run, method, str(run.data / data), settings))]
 
 
-def train_seq_kd(run: Run, method: Method) -> float:
+def plan_seq_kd(run: Run, method: Method) -> list[Stage]:
     """The teacher's sampled traces (<name>_traces/traces.jsonl), then SFT on them as prompt/completion."""
-    cfg, traces = run.cfg, run.root / f"{method.name}_traces"
+    cfg, traces = run.cfg, run.dir(f"{method.name}_traces")
     gen = train_args(run, traces.name, run.final("teacher"), str(run.data / "questions.jsonl"), None, {
         "gen.n": cfg.gen_samples, "gen.temperature": cfg.gen_temperature, "gen.max_new_tokens": cfg.max_new_tokens,
         "gen.only_correct": str(cfg.only_correct).lower(), "gen.batch_size": cfg.eval_batch})
-    gen_seconds = stage(traces, run.force, lambda: run_train("gen", gen))
     sft = method_args(run, method, str(traces / "traces.jsonl"), {"data.format": "prompt_completion"})
-    return (gen_seconds or 0.0) + (stage(run.root / method.name, run.force, lambda: run_train("sft", sft)) or 0.0)
+    return [Stage(traces, (run_train, ("gen", gen)), (run.data, run.dir("teacher"))),
+            training(run, method, "sft", sft, traces)]
 
 
-def train_kd(run: Run, method: Method) -> float:
+def plan_kd(run: Run, method: Method) -> list[Stage]:
     """Logit KD from the teacher; the divergence is the method name's suffix (forward / reverse KL)."""
     loss = {"kd_forward": "forward_kl", "kd_reverse": "reverse_kl"}[method.name]
     kd = ["--teacher", run.final("teacher"),
           *method_args(run, method, str(run.data / "train.jsonl"), {"kd.loss": loss, "kd.alpha": run.cfg.kd_alpha})]
-    return stage(run.root / method.name, run.force, lambda: run_train("kd", kd))
+    return [training(run, method, "kd", kd, run.dir("teacher"))]
 
 
-def train_grpo(run: Run, method: Method) -> float:
+def plan_grpo(run: Run, method: Method) -> list[Stage]:
     """GRPO on the train questions, reward = the gsm8k grader's correctness (recipes/rl_tiny.toml's
     algorithm: DAPO token-level loss, group std scaling, no KL reference, one update per rollout batch)."""
     cfg = run.cfg
@@ -243,7 +327,7 @@ def train_grpo(run: Run, method: Method) -> float:
         "optim.lr": cfg.grpo_lr, "optim.min_lr_ratio": 1.0, "optim.warmup_steps": min(5, cfg.grpo_steps),
         "grpo.prompts_per_step": cfg.grpo_prompts, "grpo.group_size": cfg.grpo_group,
         "grpo.max_new_tokens": cfg.max_new_tokens, "grpo.seed": run.seed})
-    return stage(run.root / method.name, run.force, lambda: run_train("rl", rl))
+    return [training(run, method, "rl", rl)]
 
 
 def sequences(c: StudyConfig) -> str:
@@ -256,23 +340,48 @@ def rollouts(c: StudyConfig) -> str:
 
 # In training order: a method's start comes before it.
 METHODS = (
-    Method("teacher", "the teacher preset, SFT on the train split", None,
-           lambda c: c.teacher_steps, sequences, train_sft),
+    Method("teacher", "the teacher preset, SFT on the train split (one teacher, seed 0, for every seed)", None,
+           lambda c: c.teacher_steps, sequences, plan_sft),
     Method("base", "the student preset, short SFT (the 'Instruct' starting point)", None,
-           lambda c: c.base_steps, sequences, train_sft),
-    Method("sft", "base + more SFT on the train labels", "base", lambda c: c.variant_steps, sequences, train_sft),
+           lambda c: c.base_steps, sequences, plan_sft),
+    Method("sft", "base + more SFT on the train labels", "base", lambda c: c.variant_steps, sequences, plan_sft),
     Method("seq_kd", "base + SFT on the teacher's sampled traces (sequence-level KD)", "base",
-           lambda c: c.variant_steps, sequences, train_seq_kd),
+           lambda c: c.variant_steps, sequences, plan_seq_kd),
     Method("kd_forward", "base + logit KD, alpha*CE + (1-alpha)*KL(teacher||student)", "base",
-           lambda c: c.variant_steps, sequences, train_kd),
+           lambda c: c.variant_steps, sequences, plan_kd),
     Method("kd_reverse", "base + logit KD, alpha*CE + (1-alpha)*KL(student||teacher)", "base",
-           lambda c: c.variant_steps, sequences, train_kd),
+           lambda c: c.variant_steps, sequences, plan_kd),
     Method("grpo", "base + GRPO on the train questions (reward: the answer is correct)", "base",
-           lambda c: c.grpo_steps, rollouts, train_grpo),
-    Method("sft_grpo", "sft + the same GRPO", "sft", lambda c: c.grpo_steps, rollouts, train_grpo),
-    Method("kd_grpo", "kd_forward + the same GRPO", "kd_forward", lambda c: c.grpo_steps, rollouts, train_grpo),
+           lambda c: c.grpo_steps, rollouts, plan_grpo),
+    Method("sft_grpo", "sft + the same GRPO", "sft", lambda c: c.grpo_steps, rollouts, plan_grpo),
+    Method("kd_grpo", "kd_forward + the same GRPO", "kd_forward", lambda c: c.grpo_steps, rollouts, plan_grpo),
 )
+BY_NAME = {m.name: m for m in METHODS}
 RL_METHODS = ("grpo", "sft_grpo", "kd_grpo")
+# The comparisons the report states, as A - B: KD vs SFT, forward vs reverse KL, each GRPO run vs its
+# start, the hybrids vs their GRPO part, and more SFT vs base.
+COMPARISONS = (("sft", "base"), ("seq_kd", "sft"), ("kd_forward", "sft"), ("kd_reverse", "sft"),
+               ("kd_forward", "kd_reverse"), ("grpo", "base"), ("sft_grpo", "sft"), ("kd_grpo", "kd_forward"),
+               ("sft_grpo", "grpo"), ("kd_grpo", "grpo"))
+
+
+def method_run(run: Run, name: str) -> Run:
+    """The run a method is trained in: the shared teacher's is seed 0's."""
+    return replace(run, seed=0) if name in SHARED else run
+
+
+def plan(cfg: StudyConfig, out: Path, seeds: int) -> list[Stage]:
+    """Every stage of the study, each once (the shared teacher's too), seed by seed in METHODS order."""
+    stages = {out / "data": Stage(out / "data", (prepare_data, (cfg, out / "data")))}
+    for seed in range(seeds):
+        for method in METHODS:
+            run = method_run(Run(cfg, seed, out), method.name)
+            trained = run.dir(method.name)
+            for s in (*method.plan(run, method),
+                      Stage(run.eval_dir(method.name), (evaluate_final, (run, method.name)), (trained,)),
+                      Stage(run.curve_dir(method.name), (evaluate_checkpoints, (run, method.name)), (trained,))):
+                stages.setdefault(s.path, s)
+    return list(stages.values())
 
 
 # ------------------------------------------------------------------ evaluation
@@ -285,30 +394,104 @@ def eval_params(run: Run) -> dict[str, SamplingParams]:
                                       n=cfg.pass_k, seed=run.seed)}
 
 
-def evaluate_method(run: Run, name: str) -> dict:
-    """{split: {mode: eval summary}} of a method's final model, cached in <seed dir>/eval/<name>/<split>_<mode>/."""
-    out = run.root / "eval" / name
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def work():
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_model(run.final(name), str(run.data / "tokenizer"), device)
-        for split in SPLITS:
-            rows = load_gsm8k(run.data / f"{split}.jsonl")
-            for mode, params in eval_params(run).items():
-                evaluate(model, tokenizer, rows, "synthetic", params, "chat", run.cfg.eval_batch,
-                         out_dir=out / f"{split}_{mode}", progress=False)
-    stage(out, run.force, work)
-    return {split: {mode: json.loads((out / f"{split}_{mode}" / "summary.json").read_text())
+
+def evaluate_final(run: Run, name: str):
+    """A method's final model on every split and mode, into <eval dir>/<split>_<mode>/."""
+    model, tokenizer = load_model(run.final(name), str(run.data / "tokenizer"), device())
+    for split in SPLITS:
+        rows = load_gsm8k(run.data / f"{split}.jsonl")
+        for mode, params in eval_params(run).items():
+            evaluate(model, tokenizer, rows, "synthetic", params, "chat", run.cfg.eval_batch,
+                     out_dir=run.eval_dir(name) / f"{split}_{mode}", progress=False)
+
+
+def evaluate_checkpoints(run: Run, name: str):
+    """Greedy pass@1 on test of each training checkpoint but the last (that one is final/, evaluated by
+    evaluate_final), into <curve dir>/step_<step>/."""
+    model, tokenizer = load_model(run.final(name), str(run.data / "tokenizer"), device())
+    rows = load_gsm8k(run.data / "test.jsonl")
+    run.curve_dir(name).mkdir(parents=True, exist_ok=True)
+    for path in checkpoint_paths(run.dir(name))[:-1]:
+        model.load_state_dict(torch.load(path, map_location=device(), weights_only=True)["model"])
+        evaluate(model, tokenizer, rows, "synthetic", eval_params(run)["greedy"], "chat", run.cfg.eval_batch,
+                 out_dir=run.curve_dir(name) / path.stem, progress=False)
+
+
+def eval_results(run: Run, name: str) -> dict:
+    """{split: {mode: eval summary}} of a method's final model."""
+    return {split: {mode: json.loads((run.eval_dir(name) / f"{split}_{mode}" / "summary.json").read_text())
                     for mode in eval_params(run)} for split in SPLITS}
 
 
-def run_seed(run: Run) -> dict:
-    """Train (in METHODS order: every start precedes its users) and evaluate each method of one seed."""
+def greedy_scores(run: Run, name: str, split: str) -> tuple[list[str], list[float]]:
+    """(problem ids, greedy scores) of a method's final model on a split, in the split's order."""
+    lines = (run.eval_dir(name) / f"{split}_greedy" / "generations.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [str(r["id"]) for r in records], [float(r["score"]) for r in records]
+
+
+def train_seconds(run: Run, method: Method) -> float | None:
+    """The seconds its training stages stored (seq_kd: the teacher's sampling too); None if one has none."""
+    files = [s.path / "seconds.txt" for s in method.plan(run, method)]
+    return round(sum(float(f.read_text()) for f in files), 1) if all(f.exists() for f in files) else None
+
+
+def seed_results(cfg: StudyConfig, out: Path, seed: int) -> dict:
+    """{method: {"train_seconds", "eval"}} of one seed (the shared teacher's: seed 0's)."""
     results = {}
     for method in METHODS:
-        seconds = method.train(run, method)
-        results[method.name] = {"train_seconds": seconds, "eval": evaluate_method(run, method.name)}
+        run = method_run(Run(cfg, seed, out), method.name)
+        results[method.name] = {"train_seconds": train_seconds(run, method), "eval": eval_results(run, method.name)}
     return results
+
+
+def elapsed(run_dir: Path, step: int) -> float | None:
+    """Training seconds at `step`: elapsed_s of the last metrics record at or before it (seconds since the
+    stage's last (re)start: a resumed stage counts from its resume)."""
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step]
+    return round(records[-1]["elapsed_s"], 1) if records else None
+
+
+def curve(run: Run, method: Method) -> list[dict]:
+    """Greedy test pass@1 along the method's budget: {step, seconds, accuracy} at step 0 (its start's final
+    model; none for random init), at each intermediate checkpoint and at the end."""
+    test = lambda name: eval_results(run, name)["test"]["greedy"]["pass@1"]  # noqa: E731
+    points = [{"step": 0, "seconds": 0.0, "accuracy": test(method.start)}] if method.start else []
+    for path in sorted(run.curve_dir(method.name).glob("step_*")):
+        step = int(path.name.split("_")[1])
+        accuracy = json.loads((path / "summary.json").read_text())["pass@1"]
+        points.append({"step": step, "seconds": elapsed(run.dir(method.name), step), "accuracy": accuracy})
+    steps = method.steps(run.cfg)
+    return points + [{"step": steps, "seconds": elapsed(run.dir(method.name), steps), "accuracy": test(method.name)}]
+
+
+def curves(cfg: StudyConfig, out: Path, seeds: int) -> dict:
+    """{method: [one curve per seed]} (the shared teacher: one curve)."""
+    return {m.name: [curve(method_run(Run(cfg, seed, out), m.name), m)
+                     for seed in range(1 if m.name in SHARED else seeds)] for m in METHODS}
+
+
+def comparisons(cfg: StudyConfig, out: Path, seeds: int) -> list[dict]:
+    """Every COMPARISONS pair on every split: the paired difference of greedy pass@1 over seeds x problems
+    with its bootstrap 95% interval and verdict (data/stats.py)."""
+    rows = []
+    for a, b in COMPARISONS:
+        for split in SPLITS:
+            ids, scores = {}, {a: [], b: []}
+            for seed in range(seeds):
+                for name in (a, b):
+                    problem_ids, values = greedy_scores(method_run(Run(cfg, seed, out), name), name, split)
+                    if ids.setdefault(split, problem_ids) != problem_ids:
+                        raise ValueError(f"{name} (seed {seed}) was evaluated on other {split} problems than {a}")
+                    scores[name].append(values)
+            p = paired_difference(np.array(scores[a]), np.array(scores[b]))
+            rows.append({"a": a, "b": b, "split": split, "delta": p.delta, "ci95": [p.low, p.high],
+                         "seeds": p.seeds, "problems": p.problems, "detected": p.detected,
+                         "verdict": verdict(a, b, p)})
+    return rows
 
 
 # ------------------------------------------------------------------ report
@@ -333,7 +516,7 @@ def metric(values: list[float], problems: int) -> dict:
 
 
 def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
-    """results.json's "methods": every method x split, mean over seeds."""
+    """results.json's "methods": every method x split, mean over seeds (the shared teacher: its one run)."""
     k = f"pass@{cfg.pass_k}"
     methods = {}
     for method in METHODS:
@@ -341,7 +524,7 @@ def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
         entry = {"what": method.what, "start": method.start or f"random init ({model})",
                  "budget": f"{method.steps(cfg)} steps x {method.per_step(cfg)}",
                  "params": replace(PRESETS[model], vocab_size=vocab_size).num_parameters}
-        runs = [seed[method.name] for seed in per_seed]
+        runs = [seed[method.name] for seed in (per_seed[:1] if method.name in SHARED else per_seed)]
         seconds = [r["train_seconds"] for r in runs if r["train_seconds"] is not None]
         splits = {}
         for split in SPLITS:
@@ -364,8 +547,8 @@ def preamble(cfg: StudyConfig, seeds: int) -> list[str]:
     """What the table's figures are and every method's training budget."""
     return [
         f"Synthetic GSM8K-style task: {cfg.n_train} train rows (1-3 steps), test {cfg.n_test} (1-3 steps), "
-        f"harder {cfg.n_harder} (4-5 steps). Accuracy in % over {seeds} seed(s): mean"
-        f"{' ± std across seeds' if seeds > 1 else ''} [95% Wilson interval of the attempts]. "
+        f"harder {cfg.n_harder} (4-5 steps). Accuracy in % over {seeds} seed(s) (the teacher: trained once, "
+        f"seed 0): mean{' ± std across seeds' if seeds > 1 else ''} [95% Wilson interval of the attempts]. "
         f"Sampled: {cfg.pass_k} samples per problem at temperature {cfg.temperature}; "
         f"max {cfg.max_new_tokens} new tokens. Train s: the method's own stages (seq_kd includes the "
         f"teacher's sampling); variants also build on base's.", "",
@@ -376,20 +559,49 @@ def preamble(cfg: StudyConfig, seeds: int) -> list[str]:
         f"({'correct traces only' if cfg.only_correct else 'every finished trace'}). Logit KD: "
         f"{cfg.kd_alpha} * CE + {1 - cfg.kd_alpha} * KL, temperature 1. GRPO: {cfg.grpo_steps} rollout batches "
         f"of {cfg.grpo_prompts} train questions x {cfg.grpo_group} samples at temperature 1, one optimizer "
-        f"step each, lr {cfg.grpo_lr}."]
+        f"step each, lr {cfg.grpo_lr}."
+        + (f" base's demonstrations: {cfg.instruct_corruption:.0%} end with '#### N+1' instead of '#### N'."
+           if cfg.instruct_corruption else "")]
 
 
-def markdown(cfg: StudyConfig, methods: dict, seeds: int) -> str:
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def mean_table(cfg: StudyConfig, methods: dict) -> list[str]:
     columns = ("greedy pass@1", f"sampled pass@{cfg.pass_k}")
     head = ["method", "starts from", "budget", "params", "train s", *[f"{s} {c}" for s in SPLITS for c in columns]]
-    lines = ["# Study results", "", *preamble(cfg, seeds), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return table(head, [[name, m["start"], m["budget"], f"{m['params'] / 1e6:.2f}M",
+                         f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?",
+                         *[cell(m["splits"][split][column]) for split in SPLITS for column in columns]]
+                        for name, m in methods.items()])
+
+
+def seed_table(methods: dict, seeds: int) -> list[str]:
+    """Greedy pass@1 of every seed's model (the shared teacher: seed 0 only)."""
+    head = ["method", *[f"{split} seed {seed}" for split in SPLITS for seed in range(seeds)]]
+    rows = []
     for name, m in methods.items():
-        row = [name, m["start"], m["budget"], f"{m['params'] / 1e6:.2f}M",
-               f"{m['train_seconds']:.0f}" if m["train_seconds"] is not None else "?",
-               *[cell(m["splits"][split][column]) for split in SPLITS for column in columns]]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()]]
+        values = {split: m["splits"][split]["greedy pass@1"]["per_seed"] for split in SPLITS}
+        rows.append([name, *[f"{100 * values[split][seed]:.1f}" if seed < len(values[split]) else "(shared)"
+                             for split in SPLITS for seed in range(seeds)]])
+    return table(head, rows)
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    return table(["A - B", "split", "difference (points)", "95% interval", "verdict"],
+                 [[f"{r['a']} - {r['b']}", r["split"], f"{100 * r['delta']:+.1f}",
+                   f"[{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}]",
+                   "**finding**" if r["detected"] else "no detectable difference"] for r in rows])
+
+
+def markdown(cfg: StudyConfig, methods: dict, paired: list[dict], seeds: int) -> str:
+    lines = ["# Study results", "", *preamble(cfg, seeds), "", *mean_table(cfg, methods), "",
+             "Greedy pass@1 per seed (%):", "", *seed_table(methods, seeds), "",
+             f"Paired differences of greedy pass@1, A - B, over {seeds} seed(s) x the split's problems: 95% "
+             "percentile-bootstrap interval, seeds and problems resampled i.i.d. with the same indices for A and "
+             "B (data/stats.py). A finding only when the interval excludes 0.", "", *paired_table(paired), "",
+             "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()]]
     return "\n".join(lines) + "\n"
 
 
@@ -428,37 +640,71 @@ def plot_results(methods: dict, path: Path) -> str:
     return f"{path.name}: written"
 
 
-def plot_rl_curve(root: Path, seeds: int, path: Path) -> str:
-    """Rollout accuracy (mean correctness reward of the step's samples) over GRPO steps, mean over seeds."""
+def band(ax, xs: list[float], runs: list[list[float]], label: str):
+    """Mean over runs as a line, their range (min to max) as a shaded band."""
+    values = np.array(runs, dtype=float)
+    (line,) = ax.plot(xs, values.mean(axis=0), marker=".", label=label)
+    if len(runs) > 1:
+        ax.fill_between(xs, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+
+
+def plot_curves(all_curves: dict, path: Path) -> str:
+    """Greedy test pass@1 vs optimizer steps and vs training seconds (mean over seeds, band: their range)."""
     plt = pyplot()
     if plt is None:
         return f"{path.name}: skipped, matplotlib is not installed"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in RL_METHODS:
-        runs = [read_metrics(root / f"seed_{seed}" / name / "metrics.jsonl") for seed in range(seeds)]
-        steps = [r["step"] for r in runs[0]]
-        ax.plot(steps, [100 * statistics.fmean(run[i]["accuracy"] for run in runs) for i in range(len(steps))],
-                marker=".", label=name)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("rollout accuracy (%)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, runs in all_curves.items():
+        accuracy = [[100 * p["accuracy"] for p in run] for run in runs]
+        band(axes[0], [p["step"] for p in runs[0]], accuracy, name)
+        seconds = [statistics.fmean(run[i]["seconds"] or 0.0 for run in runs) for i in range(len(runs[0]))]
+        band(axes[1], seconds, accuracy, name)
+    for ax, x in zip(axes, ("optimizer steps of the method's own budget", "the method's own training seconds")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("greedy test pass@1 (%)")
+        ax.set_ylim(0, 100)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"{path.name}: written"
 
 
-def headline(methods: dict) -> str:
-    """The targets' figures: teacher test accuracy and the best student relative to it."""
+def plot_rl_curve(cfg: StudyConfig, out: Path, seeds: int, path: Path) -> str:
+    """Per GRPO step: rollout accuracy (mean correctness reward of the step's samples) and zero_std_frac
+    (the share of groups whose rewards are all equal: no gradient), mean over seeds, band: their range."""
+    plt = pyplot()
+    if plt is None:
+        return f"{path.name}: skipped, matplotlib is not installed"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in RL_METHODS:
+        runs = [read_metrics(Run(cfg, seed, out).dir(name) / "metrics.jsonl") for seed in range(seeds)]
+        steps = [r["step"] for r in runs[0]]
+        for ax, key in zip(axes, ("accuracy", "zero_std_frac")):
+            band(ax, steps, [[100 * r.get(key, math.nan) for r in run] for run in runs], name)
+    for ax, label in zip(axes, ("rollout accuracy (%)", "groups with zero reward variance (%)")):
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"{path.name}: written"
+
+
+def headline(methods: dict, paired: list[dict]) -> str:
+    """The targets' figures (teacher, best student relative to it) and the test split's findings."""
     def test(name):
         return methods[name]["splits"]["test"]["greedy pass@1"]["mean"]
     best = max((name for name in methods if name != "teacher"), key=test)
     ratio = f"{test(best) / test('teacher'):.0%}" if test("teacher") > 0 else "n/a"
-    lifts = ", ".join(f"{name} {100 * (test(name) - test(start)):+.1f} over {start}"
-                      for name, start in ((m.name, m.start) for m in METHODS if m.name in RL_METHODS))
-    return (f"Teacher test pass@1 {test('teacher'):.1%}. Best student: {best}, {test(best):.1%} = {ratio} of the "
-            f"teacher with {methods[best]['params'] / methods['teacher']['params']:.2f}x its parameters. "
-            f"GRPO lift (test pass@1 points): {lifts}.")
+    on_test = [r for r in paired if r["split"] == "test"]
+    findings = "; ".join(r["verdict"] for r in on_test if r["detected"]) or "none"
+    none = ", ".join(f"{r['a']} vs {r['b']}" for r in on_test if not r["detected"]) or "none"
+    return (f"Teacher test pass@1 {test('teacher'):.1%}. Best student (mean): {best}, {test(best):.1%} = {ratio} of "
+            f"the teacher with {methods[best]['params'] / methods['teacher']['params']:.2f}x its parameters.\n\n"
+            f"Findings on test (greedy pass@1, 95% interval excludes 0): {findings}.\n\n"
+            f"No detectable difference on test: {none}.")
 
 
 def stage_seconds(out: Path) -> float:
@@ -466,29 +712,72 @@ def stage_seconds(out: Path) -> float:
     return round(sum(float(path.read_text()) for path in out.rglob("seconds.txt")), 1)
 
 
-def write_report(out: Path, cfg: StudyConfig, methods: dict, seeds: int):
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def commit() -> str:
+    """git rev-parse HEAD of this checkout, "+ uncommitted changes" when tracked files differ from it."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
+
+
+def provenance(jobs: int, wall: float) -> list[str]:
+    """Machine, code and wall time of this invocation (results.md only: results.json stays the same on a re-run)."""
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return [f"Machine: {cpu_model()}, {os.cpu_count()} cores{gpu}; {jobs} worker(s) of one torch thread; "
+            f"torch {torch.__version__}, Python {platform.python_version()}.",
+            f"Commit: {commit()}.", f"Wall time of this invocation: {wall:.0f} s (cached stages are skipped)."]
+
+
+def write_report(out: Path, cfg: StudyConfig, methods: dict, paired: list[dict], all_curves: dict, seeds: int,
+                 footer: list[str]):
     total = stage_seconds(out)
-    results = {"config": asdict(cfg), "seeds": seeds, "stage_seconds": total, "methods": methods}
+    results = {"config": asdict(cfg), "seeds": seeds, "stage_seconds": total, "methods": methods,
+               "comparisons": paired, "curves": all_curves}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = (markdown(cfg, methods, seeds) + "\n" + headline(methods) + "\n\n"
-             f"All stages (data, training, generation, evaluation; {seeds} seed(s)): {total:.0f} s.\n")
-    (out / "results.md").write_text(table)
-    print(table)
+    text = (markdown(cfg, methods, paired, seeds) + "\n" + headline(methods, paired) + "\n\n"
+            f"All stages (data, training, generation, evaluation; {seeds} seed(s)): {total:.0f} s of stage time.\n\n"
+            + "\n".join(footer) + "\n")
+    (out / "results.md").write_text(text)
+    print(text)
     print(plot_results(methods, out / "results.png"))
-    print(plot_rl_curve(out, seeds, out / "rl_curve.png"))
+    print(plot_curves(all_curves, out / "curves.png"))
+    print(plot_rl_curve(cfg, out, seeds, out / "rl_curve.png"))
 
 
 # ------------------------------------------------------------------ main
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def parse_args(argv):
     p = cli.ArgumentParser(prog="study.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/study", help="study directory (stages are cached in it)")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks the machinery in about two minutes")
-    p.add_argument("--seeds", type=int, default=1, help="train every model with seeds 0..N-1; report mean ± std")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train the students with seeds 0..N-1 (default 3; 2 with --quick); report paired differences")
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="worker processes of one torch thread each (default: one per core); results do not depend on it")
     p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 2 if args.quick else 3
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     return args
 
 
@@ -507,14 +796,16 @@ def main(argv=None) -> int:
 
 
 def run_study(argv):
+    t0 = time.perf_counter()
     args = parse_args(argv)
     cfg = QUICK if args.quick else StudyConfig()
     out = Path(args.out)
     check_config(out, cfg, args.force)
-    prepare_data(cfg, out / "data", args.force)
-    per_seed = [run_seed(Run(cfg, seed, out / "data", out / f"seed_{seed}", args.force)) for seed in range(args.seeds)]
+    run_stages(plan(cfg, out, args.seeds), args.jobs, args.force)
+    per_seed = [seed_results(cfg, out, seed) for seed in range(args.seeds)]
     vocab_size = load_tokenizer(out / "data" / "tokenizer").vocab_size
-    write_report(out, cfg, aggregate(cfg, per_seed, vocab_size), args.seeds)
+    write_report(out, cfg, aggregate(cfg, per_seed, vocab_size), comparisons(cfg, out, args.seeds),
+                 curves(cfg, out, args.seeds), args.seeds, provenance(args.jobs, time.perf_counter() - t0))
 
 
 if __name__ == "__main__":
