@@ -44,8 +44,44 @@ def init_distributed() -> Dist:
 
 
 def cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group; on return no gloo worker thread is busy, so the interpreter can exit.
+
+    gloo's worker threads outlive destroy_process_group (torch modules keep references to the group:
+    torch.distributed.nn's default arguments, DTensor's caches of FSDP2 meshes). After finishing a
+    collective a worker still drops its reference to the collective's tensors; when Python has already
+    dropped its own (all_gather_object's buffers), that frees a Python object and takes the GIL. A
+    thread that takes the GIL while the interpreter finalizes is ended inside a C++ destructor:
+    std::terminate, "terminate called without an active exception", SIGABRT. So this returns only once
+    every worker (Linux: threads named pt_gloo_runloop) is asleep and has not run over an interval in
+    which the GIL was free; it waits at most 10 s (a worker blocked in a peer's collective sleeps too).
+    """
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    import time
+    from pathlib import Path
+
+    def gloo_workers() -> dict[str, tuple[str, str]]:
+        """{thread id: (scheduler state, nanoseconds run)} of this process's gloo worker threads."""
+        tasks, found = Path("/proc/self/task"), {}
+        if not tasks.is_dir():  # not Linux: nothing to observe
+            return found
+        for task in tasks.iterdir():
+            try:
+                if (task / "comm").read_text().strip() == "pt_gloo_runloop":
+                    state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                    found[task.name] = (state, (task / "schedstat").read_text().split()[0])
+            except OSError:  # the thread ended meanwhile
+                continue
+        return found
+
+    deadline, seen = time.monotonic() + 10, gloo_workers()
+    while seen and time.monotonic() < deadline:
+        time.sleep(0.002)  # the GIL is free: a worker that needs it runs now
+        now = gloo_workers()
+        if now == seen and all(state == "S" for state, _ in now.values()):
+            return
+        seen = now
 
 
 def wrap_model(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
