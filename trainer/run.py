@@ -120,6 +120,9 @@ def check_resumed_run(state: dict, cfg: TrainConfig, inputs: dict[str, str], pat
     changed = [k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in ignored]
     if changed:
         raise ValueError(f"--resume: {path} was written with a different config: {', '.join(sorted(changed))}")
+    if "inputs" not in state:
+        raise ValueError(f"--resume: {path} was written by an older srlm (no digests of its inputs); resume it "
+                         f"with that version, or start a new run")
     other = [k for k in inputs if state["inputs"].get(k) != inputs[k]]
     if other:
         raise ValueError(f"--resume: {path} was trained on other content: {', '.join(other)} changed")
