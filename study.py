@@ -10,7 +10,7 @@ Stages (each writes its directory and is skipped once its DONE marker exists; a 
 resumes from its last checkpoint with train.py --resume):
 
     data        data/synthetic.py: train / test / harder splits (harder: 4-5 reasoning steps where
-                training has 1-3), and a sentencepiece tokenizer trained on the train split
+                training has 1-3), and a byte-level BPE tokenizer (tokenizer.json) trained on the train split
     teacher     preset tiny-teacher, SFT on the train split, trained once (seed 0) and shared by every
                 seed, as in the paper (one teacher)                             train.py --stage sft
     base        preset tiny-student, a short SFT: it follows the answer format but reasons poorly,
