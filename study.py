@@ -13,8 +13,9 @@ resumes from its last checkpoint with train.py --resume):
                 training has 1-3), and a byte-level BPE tokenizer (tokenizer.json) trained on the train split
     teacher     preset tiny-teacher, SFT on the train split, trained once (seed 0) and shared by every
                 seed, as in the paper (one teacher)                             train.py --stage sft
-    base        preset tiny-student, a short SFT: it follows the answer format but reasons poorly,
-                our stand-in for an "Instruct" checkpoint; every student variant starts from it
+    base        preset tiny-student, SFT on demonstrations of which a share stops one step early (more often
+                for longer problems): our stand-in for an "Instruct" checkpoint, which solves a fair share
+                greedily and more with samples (pass@k well above pass@1); every student variant starts from it
     sft         more SFT on the train labels                                     train.py --stage sft
     seq_kd      sequence-level KD (Kim & Rush 2016): the teacher samples solutions to train questions,
                 only the correct ones are kept (train.py --stage gen), then SFT on them
@@ -53,6 +54,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -95,17 +97,18 @@ class StudyConfig:
     vocab_size: int = 1000  # upper bound for the tokenizer (the default corpus yields ~650 pieces)
     batch_size: int = 32
     max_len: int = 160  # tokens per training sequence (the longest train row is 153)
-    lr: float = 3e-3  # every student stage but GRPO
+    lr: float = 3e-3  # base (from random init)
+    variant_lr: float = 1e-3  # every variant but GRPO (fine-tuning a trained model)
     teacher_lr: float = 1.5e-3  # half the student's: twice its width
     warmup_steps: int = 30
     teacher_steps: int = 600
-    base_steps: int = 200  # short: the format, not yet the arithmetic
-    variant_steps: int = 300  # every variant's budget from base
+    base_steps: int = 600  # the arithmetic is learned (the "Instruct" stand-in)
+    variant_steps: int = 150  # every variant's budget from base
     kd_alpha: float = 0.5  # logit KD: alpha * CE + (1 - alpha) * KL
-    grpo_steps: int = 40  # GRPO: rollout batches (one optimizer step each) ...
+    grpo_steps: int = 20  # GRPO: rollout batches (one optimizer step each) ...
     grpo_prompts: int = 8  # ... of this many train questions ...
-    grpo_group: int = 8  # ... times this many samples (the group of the baseline)
-    grpo_lr: float = 3e-5  # constant after 5 warmup steps
+    grpo_group: int = 16  # ... times this many samples (the group of the baseline)
+    grpo_lr: float = 1e-4  # constant after 5 warmup steps
     gen_questions: int = 1600  # train questions the teacher answers for seq_kd ...
     gen_samples: int = 2  # ... samples each ...
     gen_temperature: float = 0.7  # ... at this temperature
@@ -115,9 +118,9 @@ class StudyConfig:
     temperature: float = 0.8  # sampled eval
     eval_batch: int = 100  # prompts generated together
     curve_points: int = 4  # learning curves: a checkpoint every 1/curve_points of each budget, greedy on test
-    # The "Instruct" stand-in's selectable wrong behaviour: this share of base's demonstrations ends with
-    # "#### N+1" instead of "#### N" (0: base trains on the clean train split)
-    instruct_corruption: float = 0.0
+    # The "Instruct" stand-in's selectable wrong behaviour: base's demonstration of an n-step problem stops
+    # one step early with probability n * instruct_skip (instruct_demonstrations; 0: the clean train split)
+    instruct_skip: float = 0.25
 
 
 # Toy sizes: every stage runs, nothing is learned. The toy teacher is the student preset, trained
@@ -224,16 +227,23 @@ def run_stages(stages: list[Stage], jobs: int, force: bool):
                 done.add(stage.path)
 
 
-def corrupt_answers(rows: list[dict], fraction: float, seed: int = 0) -> list[dict]:
-    """The rows with a seeded random `fraction` of them ending in "#### N+1" instead of "#### N"."""
-    chosen = set(random.Random(seed).sample(range(len(rows)), round(fraction * len(rows))))
-    out = []
-    for i, row in enumerate(rows):
-        if i in chosen:
-            body, answer = row["answer"].rsplit("#### ", 1)
-            row = {**row, "answer": f"{body}#### {int(answer) + 1}"}
-        out.append(row)
-    return out
+def skip_last_step(answer: str) -> str:
+    """A solution that stops one step early: the last reasoning line is dropped and the count before it
+    is given as the answer (a 1-step solution becomes "#### <the starting count>")."""
+    *steps, _ = answer.split("\n")
+    before = re.search(r" has (\d+)[+-]\d+ = ", steps[-1])
+    if before is None:
+        raise ValueError(f"not a synthetic solution line: {steps[-1]!r}")
+    return "\n".join([*steps[:-1], f"#### {before.group(1)}"])
+
+
+def instruct_demonstrations(rows: list[dict], skip_per_step: float, seed: int = 0) -> list[dict]:
+    """The rows with the solution of an n-step problem stopping one step early (skip_last_step) with
+    probability min(1, n * skip_per_step), drawn from a generator seeded by `seed`: longer problems are
+    cut short more often."""
+    rng = random.Random(seed)
+    return [{**row, "answer": skip_last_step(row["answer"])} if rng.random() < min(1.0, row["steps"] * skip_per_step)
+            else row for row in rows]
 
 
 def prepare_data(cfg: StudyConfig, out: Path):
@@ -242,8 +252,8 @@ def prepare_data(cfg: StudyConfig, out: Path):
     paths = write_splits(out, seed=0, n_train=cfg.n_train, n_test=cfg.n_test, n_harder=cfg.n_harder, n_code=1)
     train_rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     write_jsonl(out / "questions.jsonl", train_rows[:cfg.gen_questions])
-    if cfg.instruct_corruption:
-        write_jsonl(out / "base_train.jsonl", corrupt_answers(train_rows, cfg.instruct_corruption))
+    if cfg.instruct_skip:
+        write_jsonl(out / "base_train.jsonl", instruct_demonstrations(train_rows, cfg.instruct_skip))
     train_tokenizer(corpus_texts(train_rows), out / "tokenizer", cfg.vocab_size)
 
 
@@ -284,7 +294,9 @@ def start_model(run: Run, method: Method) -> str:
 
 
 def method_args(run: Run, method: Method, data: str, settings: dict | None = None) -> list[str]:
-    return train_args(run, method.name, start_model(run, method), data, method.steps(run.cfg), settings)
+    """train_args of a method's training stage; a method that starts from a trained model trains at variant_lr."""
+    lr = {"optim.lr": run.cfg.variant_lr} if method.start else {}
+    return train_args(run, method.name, start_model(run, method), data, method.steps(run.cfg), {**lr, **(settings or {})})
 
 
 def training(run: Run, method: Method, stage_name: str, args: list[str], *needs: Path) -> Stage:
@@ -296,7 +308,7 @@ def training(run: Run, method: Method, stage_name: str, args: list[str], *needs:
 def plan_sft(run: Run, method: Method) -> list[Stage]:
     """SFT on the train split's reference solutions (base: on base_train.jsonl when corrupted)."""
     settings = {"optim.lr": run.cfg.teacher_lr} if method.name == "teacher" else None
-    data = "base_train.jsonl" if method.name == "base" and run.cfg.instruct_corruption else "train.jsonl"
+    data = "base_train.jsonl" if method.name == "base" and run.cfg.instruct_skip else "train.jsonl"
     return [training(run, method, "sft", method_args(run, method, str(run.data / data), settings))]
 
 
@@ -326,7 +338,7 @@ def plan_grpo(run: Run, method: Method) -> list[Stage]:
     rl = method_args(run, method, str(run.data / "train.jsonl"), {
         "optim.lr": cfg.grpo_lr, "optim.min_lr_ratio": 1.0, "optim.warmup_steps": min(5, cfg.grpo_steps),
         "grpo.prompts_per_step": cfg.grpo_prompts, "grpo.group_size": cfg.grpo_group,
-        "grpo.max_new_tokens": cfg.max_new_tokens, "grpo.seed": run.seed})
+        "grpo.max_new_tokens": cfg.max_new_tokens, "grpo.seed": run.seed, "log_every": 1})
     return [training(run, method, "rl", rl)]
 
 
@@ -342,7 +354,8 @@ def rollouts(c: StudyConfig) -> str:
 METHODS = (
     Method("teacher", "the teacher preset, SFT on the train split (one teacher, seed 0, for every seed)", None,
            lambda c: c.teacher_steps, sequences, plan_sft),
-    Method("base", "the student preset, short SFT (the 'Instruct' starting point)", None,
+    Method("base", "the student preset, SFT on demonstrations that often stop one step early (the 'Instruct' "
+           "stand-in)", None,
            lambda c: c.base_steps, sequences, plan_sft),
     Method("sft", "base + more SFT on the train labels", "base", lambda c: c.variant_steps, sequences, plan_sft),
     Method("seq_kd", "base + SFT on the teacher's sampled traces (sequence-level KD)", "base",
@@ -494,6 +507,22 @@ def comparisons(cfg: StudyConfig, out: Path, seeds: int) -> list[dict]:
     return rows
 
 
+def rl_summary(cfg: StudyConfig, out: Path, seeds: int) -> dict:
+    """Per GRPO method, mean over seeds: rollout accuracy (the mean correctness reward of a step's samples)
+    over the first and the last `window` steps, and the share of groups whose rewards are all equal
+    (zero variance: no learning signal) over the same steps and over the whole run."""
+    window = max(1, cfg.grpo_steps // 8)
+    summary = {}
+    for name in RL_METHODS:
+        runs = [read_metrics(Run(cfg, seed, out).dir(name) / "metrics.jsonl") for seed in range(seeds)]
+        mean = lambda key, part: statistics.fmean(statistics.fmean(r[key] for r in part(run)) for run in runs)  # noqa: E731
+        first, last, whole = (lambda run: run[:window]), (lambda run: run[-window:]), (lambda run: run)
+        summary[name] = {"window": window, "accuracy_first": mean("accuracy", first),
+                         "accuracy_last": mean("accuracy", last), "zero_std_first": mean("zero_std_frac", first),
+                         "zero_std_last": mean("zero_std_frac", last), "zero_std_all": mean("zero_std_frac", whole)}
+    return summary
+
+
 # ------------------------------------------------------------------ report
 
 def wilson(successes: float, n: int) -> list[float]:
@@ -554,14 +583,15 @@ def preamble(cfg: StudyConfig, seeds: int) -> list[str]:
         f"teacher's sampling); variants also build on base's.", "",
         f"Budgets: the teacher trains {cfg.teacher_steps} optimizer steps of {cfg.batch_size} sequences at lr "
         f"{cfg.teacher_lr}, base {cfg.base_steps} at lr {cfg.lr}, and every variant {cfg.variant_steps} more "
-        f"from base at lr {cfg.lr}. seq_kd: the teacher answers {cfg.gen_questions} train questions "
-        f"{cfg.gen_samples} times at temperature {cfg.gen_temperature} "
+        f"from base at lr {cfg.variant_lr} (cosine decay after {cfg.warmup_steps} warmup steps). seq_kd: the "
+        f"teacher answers {cfg.gen_questions} train questions {cfg.gen_samples} times at temperature {cfg.gen_temperature} "
         f"({'correct traces only' if cfg.only_correct else 'every finished trace'}). Logit KD: "
         f"{cfg.kd_alpha} * CE + {1 - cfg.kd_alpha} * KL, temperature 1. GRPO: {cfg.grpo_steps} rollout batches "
         f"of {cfg.grpo_prompts} train questions x {cfg.grpo_group} samples at temperature 1, one optimizer "
         f"step each, lr {cfg.grpo_lr}."
-        + (f" base's demonstrations: {cfg.instruct_corruption:.0%} end with '#### N+1' instead of '#### N'."
-           if cfg.instruct_corruption else "")]
+        + (f" base's demonstration of an n-step problem stops one step early (the last reasoning line dropped, "
+           f"the count before it given as the answer) with probability n x {cfg.instruct_skip}." if cfg.instruct_skip
+           else "")]
 
 
 def table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -595,9 +625,19 @@ def paired_table(rows: list[dict]) -> list[str]:
                    "**finding**" if r["detected"] else "no detectable difference"] for r in rows])
 
 
-def markdown(cfg: StudyConfig, methods: dict, paired: list[dict], seeds: int) -> str:
+def grpo_table(rl: dict) -> list[str]:
+    window = next(iter(rl.values()))["window"]
+    head = ["GRPO run", f"rollout accuracy, first {window} steps", f"last {window} steps",
+            f"zero-variance groups, first {window} steps", f"last {window} steps", "whole run"]
+    return table(head, [[name, *[f"{100 * r[key]:.1f}" for key in ("accuracy_first", "accuracy_last", "zero_std_first",
+                                                                  "zero_std_last", "zero_std_all")]]
+                        for name, r in rl.items()])
+
+
+def markdown(cfg: StudyConfig, methods: dict, paired: list[dict], rl: dict, seeds: int) -> str:
     lines = ["# Study results", "", *preamble(cfg, seeds), "", *mean_table(cfg, methods), "",
              "Greedy pass@1 per seed (%):", "", *seed_table(methods, seeds), "",
+             f"GRPO rollouts (%, mean over {seeds} seed(s); samples at temperature 1):", "", *grpo_table(rl), "",
              f"Paired differences of greedy pass@1, A - B, over {seeds} seed(s) x the split's problems: 95% "
              "percentile-bootstrap interval, seeds and problems resampled i.i.d. with the same indices for A and "
              "B (data/stats.py). A finding only when the interval excludes 0.", "", *paired_table(paired), "",
@@ -743,10 +783,11 @@ def provenance(jobs: int, wall: float) -> list[str]:
 def write_report(out: Path, cfg: StudyConfig, methods: dict, paired: list[dict], all_curves: dict, seeds: int,
                  footer: list[str]):
     total = stage_seconds(out)
+    rl = rl_summary(cfg, out, seeds)
     results = {"config": asdict(cfg), "seeds": seeds, "stage_seconds": total, "methods": methods,
-               "comparisons": paired, "curves": all_curves}
+               "comparisons": paired, "grpo": rl, "curves": all_curves}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = (markdown(cfg, methods, paired, seeds) + "\n" + headline(methods, paired) + "\n\n"
+    text = (markdown(cfg, methods, paired, rl, seeds) + "\n" + headline(methods, paired) + "\n\n"
             f"All stages (data, training, generation, evaluation; {seeds} seed(s)): {total:.0f} s of stage time.\n\n"
             + "\n".join(footer) + "\n")
     (out / "results.md").write_text(text)

@@ -195,12 +195,23 @@ def test_wilson_interval_matches_closed_form():
         assert study.wilson(x, n) == pytest.approx(expected, abs=1e-4)
 
 
-def test_instruct_corruption_moves_a_seeded_share_of_answers_by_one():
-    rows = [{"question": f"q{i}", "answer": f"{i} + 0 = <<{i}+0={i}>>{i}\n#### {i}"} for i in range(10)]
-    corrupted = study.corrupt_answers(rows, 0.6)
-    assert corrupted == study.corrupt_answers(rows, 0.6)  # seeded
-    changed = [i for i, (a, b) in enumerate(zip(rows, corrupted)) if a != b]
-    assert len(changed) == 6
-    for i in changed:
-        assert corrupted[i]["answer"] == f"{i} + 0 = <<{i}+0={i}>>{i}\n#### {i + 1}"
-    assert study.corrupt_answers(rows, 0.0) == rows and study.QUICK.instruct_corruption == 0.0
+def test_instruct_demonstrations_stop_a_seeded_share_one_step_early():
+    one = {"question": "q1", "answer": "After losing 4, Leo has 11-4 = <<11-4=7>>7 pens.\n#### 7"}
+    three = {"question": "q3", "answer": "After finding 6 more, Ava has 8+6 = <<8+6=14>>14 apples.\n"
+                                         "After giving 5 to Eva, Ava has 14-5 = <<14-5=9>>9 apples.\n"
+                                         "After giving 9 to Eva, Ava has 9-9 = <<9-9=0>>0 apples.\n#### 0"}
+    assert study.skip_last_step(one["answer"]) == "#### 11"
+    assert study.skip_last_step(three["answer"]) == ("After finding 6 more, Ava has 8+6 = <<8+6=14>>14 apples.\n"
+                                                     "After giving 5 to Eva, Ava has 14-5 = <<14-5=9>>9 apples.\n#### 9")
+    rows = [{**(one, three)[i % 2], "question": f"q{i}", "steps": (1, 3)[i % 2]} for i in range(400)]
+    skipped = study.instruct_demonstrations(rows, 0.25)
+    assert skipped == study.instruct_demonstrations(rows, 0.25)  # seeded
+    assert skipped != study.instruct_demonstrations(rows, 0.25, seed=1)
+    for steps, share in ((1, 0.25), (3, 0.75)):  # n * 0.25 of the n-step solutions, within 4 binomial std
+        changed = [b for a, b in zip(rows, skipped) if a["steps"] == steps and a != b]
+        assert all(b["answer"] == study.skip_last_step(a["answer"]) for a, b in zip(rows, skipped) if a != b)
+        assert abs(len(changed) - 200 * share) < 4 * (200 * share * (1 - share)) ** 0.5, (steps, len(changed))
+    assert all(a != b for a, b in zip(rows, study.instruct_demonstrations(rows, 0.5)) if a["steps"] == 3)  # capped at 1
+    assert study.instruct_demonstrations(rows, 0.0) == rows
+    with pytest.raises(ValueError, match="not a synthetic solution line"):
+        study.skip_last_step("x = 3\n#### 3")
