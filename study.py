@@ -5,6 +5,9 @@
     python study.py --seeds 5       # students trained with seeds 0..4 (the teacher is trained once)
     python study.py --jobs 1        # one worker process instead of one per core (the same results)
     python study.py --force         # redo every stage instead of reusing finished ones
+    python study.py --config recipes/study_qwen2.5-0.5b_gsm8k.toml [--preview]
+                                    # the grid on real checkpoints, as a config names it (trainer/grid.py);
+                                    # --preview: its cost preview only, no stage runs
 
 Stages (each writes its directory and is skipped once its DONE marker exists; a killed training stage
 resumes from its last checkpoint with train.py --resume):
@@ -50,17 +53,11 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
-import platform
 import random
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -68,7 +65,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-import train
 from data.readers import load_gsm8k
 from data.stats import paired_difference, verdict
 from data.synthetic import corpus_texts, write_jsonl, write_splits
@@ -77,11 +73,14 @@ from model.generate import SamplingParams
 from model.tokenizer import load_tokenizer, train_tokenizer
 from trainer import cli
 from trainer.checkpoint import checkpoint_paths
+from trainer.grid import run_grid
 from trainer.evaluation import evaluate, load_model
 from trainer.metrics import read_metrics
+from trainer.report import cell, metric, plot_results, provenance, pyplot, stage_seconds, table
+from trainer.stages import (Stage, check_config, default_jobs, device, eval_modes, evaluate_model, run_stages,
+                            run_train)
 
 SPLITS = ("test", "harder")
-Z95 = 1.959964  # two-sided 95% normal quantile
 SHARED = ("teacher",)  # trained once, with seed 0, and used by every seed
 
 
@@ -161,15 +160,6 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One unit of work: job = (function, args) runs in a worker process and fills `path` (its DONE
-    marker last); it may start once every path in `needs` is done."""
-    path: Path
-    job: tuple[Callable, tuple]
-    needs: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True)
 class Method:
     name: str
     what: str  # one line for results.md
@@ -180,52 +170,6 @@ class Method:
 
 
 # ------------------------------------------------------------------ stages
-
-def run_job(path: Path, function: Callable, args: tuple) -> float:
-    """function(*args), which fills `path`; then path/seconds.txt and path/DONE (unless train.py wrote it)."""
-    t0 = time.perf_counter()
-    function(*args)
-    seconds = round(time.perf_counter() - t0, 1)  # as stored, so a re-run reports the same figure
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "seconds.txt").write_text(f"{seconds}\n")
-    if not (path / "DONE").exists():
-        (path / "DONE").write_text("done\n")
-    return seconds
-
-
-def start_worker():
-    torch.set_num_threads(1)
-
-
-def run_stages(stages: list[Stage], jobs: int, force: bool):
-    """Run every stage not yet done, each once its needs are done, at most `jobs` at a time in worker
-    processes of one torch thread each (spawned: no state is inherited; stages are submitted in list
-    order). A stage's error is raised here after the stages already running have finished."""
-    for s in stages:
-        if force and s.path.exists():
-            shutil.rmtree(s.path)
-    done = {s.path for s in stages if (s.path / "DONE").exists()}
-    for path in done:
-        print(f"[study] skip {path} (done)")
-    pending = [s for s in stages if s.path not in done]
-    if not pending:
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=start_worker) as pool:
-        running = {}
-        while pending or running:
-            for s in [s for s in pending if set(s.needs) <= done][:jobs - len(running)]:
-                print(f"[study] run {s.path}", flush=True)
-                pending.remove(s)
-                running[pool.submit(run_job, s.path, *s.job)] = s
-            if not running:
-                raise RuntimeError(f"stages wait on stages that are not planned: {[str(s.path) for s in pending]}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                stage = running.pop(future)
-                future.result()  # the worker's error, raised here
-                done.add(stage.path)
-
 
 def skip_last_step(answer: str) -> str:
     """A solution that stops one step early: the last reasoning line is dropped and the count before it
@@ -273,14 +217,6 @@ def train_args(run: Run, stage_name: str, model: str, data: str, steps: int | No
     return ["--model", model, "--tokenizer", str(run.data / "tokenizer"), "--data", data,
             "--out", str(run.dir(stage_name)), *(["--max-steps", str(steps)] if steps else []),
             *[f"--set={k}={v}" for k, v in sets.items()]]
-
-
-def run_train(stage_name: str, args: list[str]):
-    """train.py's stage in-process (its errors propagate); resumes a run directory that holds checkpoints
-    (a killed stage)."""
-    out = Path(args[args.index("--out") + 1])
-    resume = ["--resume"] if checkpoint_paths(out) else []
-    train.execute(["--stage", stage_name, *args, *resume])
 
 
 def preset(cfg: StudyConfig, method: Method) -> str:
@@ -402,23 +338,14 @@ def plan(cfg: StudyConfig, out: Path, seeds: int) -> list[Stage]:
 def eval_params(run: Run) -> dict[str, SamplingParams]:
     """Greedy (pass@1) and `pass_k` samples per problem at `temperature` (pass@k)."""
     cfg = run.cfg
-    return {"greedy": SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
-            "sampled": SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      n=cfg.pass_k, seed=run.seed)}
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return eval_modes(cfg.max_new_tokens, cfg.pass_k, cfg.temperature, run.seed)
 
 
 def evaluate_final(run: Run, name: str):
     """A method's final model on every split and mode, into <eval dir>/<split>_<mode>/."""
-    model, tokenizer = load_model(run.final(name), str(run.data / "tokenizer"), device())
-    for split in SPLITS:
-        rows = load_gsm8k(run.data / f"{split}.jsonl")
-        for mode, params in eval_params(run).items():
-            evaluate(model, tokenizer, rows, "synthetic", params, "chat", run.cfg.eval_batch,
-                     out_dir=run.eval_dir(name) / f"{split}_{mode}", progress=False)
+    suites = {split: ("synthetic", load_gsm8k(run.data / f"{split}.jsonl")) for split in SPLITS}
+    evaluate_model(run.final(name), str(run.data / "tokenizer"), suites, eval_params(run), "chat", run.cfg.eval_batch,
+                   run.eval_dir(name))
 
 
 def evaluate_checkpoints(run: Run, name: str):
@@ -525,25 +452,6 @@ def rl_summary(cfg: StudyConfig, out: Path, seeds: int) -> dict:
 
 # ------------------------------------------------------------------ report
 
-def wilson(successes: float, n: int) -> list[float]:
-    """95% Wilson score interval of a binomial proportion (Wilson 1927), as [low, high]."""
-    p, z2 = successes / n, Z95 ** 2
-    center = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return [max(0.0, center - half), min(1.0, center + half)]
-
-
-def metric(values: list[float], problems: int) -> dict:
-    """Mean over seeds, std across seeds, and the Wilson interval of the attempts pooled over seeds.
-
-    Both reported metrics are proportions of problems: greedy pass@1 (one sample, score 0/1) and
-    pass@k from exactly k samples (the share of problems with a correct sample).
-    """
-    mean = statistics.fmean(values)
-    return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values,
-            "ci95": wilson(mean * problems * len(values), problems * len(values))}
-
-
 def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
     """results.json's "methods": every method x split, mean over seeds (the shared teacher: its one run)."""
     k = f"pass@{cfg.pass_k}"
@@ -566,12 +474,6 @@ def aggregate(cfg: StudyConfig, per_seed: list[dict], vocab_size: int) -> dict:
     return methods
 
 
-def cell(m: dict) -> str:
-    low, high = m["ci95"]
-    spread = f" ± {100 * m['std']:.1f}" if len(m["per_seed"]) > 1 else ""
-    return f"{100 * m['mean']:.1f}{spread} [{100 * low:.1f}, {100 * high:.1f}]"
-
-
 def preamble(cfg: StudyConfig, seeds: int) -> list[str]:
     """What the table's figures are and every method's training budget."""
     return [
@@ -592,10 +494,6 @@ def preamble(cfg: StudyConfig, seeds: int) -> list[str]:
         + (f" base's demonstration of an n-step problem stops one step early (the last reasoning line dropped, "
            f"the count before it given as the answer) with probability n x {cfg.instruct_skip}." if cfg.instruct_skip
            else "")]
-
-
-def table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows]]
 
 
 def mean_table(cfg: StudyConfig, methods: dict) -> list[str]:
@@ -643,41 +541,6 @@ def markdown(cfg: StudyConfig, methods: dict, paired: list[dict], rl: dict, seed
              "B (data/stats.py). A finding only when the interval excludes 0.", "", *paired_table(paired), "",
              "Methods:", *[f"- {name}: {m['what']}" for name, m in methods.items()]]
     return "\n".join(lines) + "\n"
-
-
-def pyplot():
-    """matplotlib.pyplot with a file backend, or None when matplotlib is not installed (plots are optional)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_results(methods: dict, path: Path) -> str:
-    """Grouped bars: greedy pass@1 per method, one bar per split, 95% Wilson intervals as error bars."""
-    plt = pyplot()
-    if plt is None:
-        return f"{path.name}: skipped, matplotlib is not installed"
-    done = list(methods)
-    fig, ax = plt.subplots(figsize=(1.2 * len(done) + 2, 4))
-    width = 0.8 / len(SPLITS)
-    for i, split in enumerate(SPLITS):
-        ms = [methods[name]["splits"][split]["greedy pass@1"] for name in done]
-        means = [100 * m["mean"] for m in ms]
-        errors = [[100 * (m["mean"] - m["ci95"][0]) for m in ms], [100 * (m["ci95"][1] - m["mean"]) for m in ms]]
-        ax.bar([j + (i - (len(SPLITS) - 1) / 2) * width for j in range(len(done))], means, width, yerr=errors,
-               capsize=3, label=split)
-    ax.set_xticks(range(len(done)), done, rotation=20)
-    ax.set_ylabel("greedy pass@1 (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"{path.name}: written"
 
 
 def band(ax, xs: list[float], runs: list[list[float]], label: str):
@@ -747,39 +610,6 @@ def headline(methods: dict, paired: list[dict]) -> str:
             f"No detectable difference on test: {none}.")
 
 
-def stage_seconds(out: Path) -> float:
-    """The study's compute time: every stage's stored seconds (data, training, generation, evaluation)."""
-    return round(sum(float(path.read_text()) for path in out.rglob("seconds.txt")), 1)
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    """git rev-parse HEAD of this checkout, "+ uncommitted changes" when tracked files differ from it."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
-
-
-def provenance(jobs: int, wall: float) -> list[str]:
-    """Machine, code and wall time of this invocation (results.md only: results.json stays the same on a re-run)."""
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return [f"Machine: {cpu_model()}, {os.cpu_count()} cores{gpu}; {jobs} worker(s) of one torch thread; "
-            f"torch {torch.__version__}, Python {platform.python_version()}.",
-            f"Commit: {commit()}.", f"Wall time of this invocation: {wall:.0f} s (cached stages are skipped)."]
-
-
 def write_report(out: Path, cfg: StudyConfig, methods: dict, paired: list[dict], all_curves: dict, seeds: int,
                  footer: list[str]):
     total = stage_seconds(out)
@@ -792,27 +622,37 @@ def write_report(out: Path, cfg: StudyConfig, methods: dict, paired: list[dict],
             + "\n".join(footer) + "\n")
     (out / "results.md").write_text(text)
     print(text)
-    print(plot_results(methods, out / "results.png"))
+    print(plot_results({name: {split: m["splits"][split]["greedy pass@1"] for split in SPLITS}
+                        for name, m in methods.items()}, out / "results.png"))
     print(plot_curves(all_curves, out / "curves.png"))
     print(plot_rl_curve(cfg, out, seeds, out / "rl_curve.png"))
 
 
 # ------------------------------------------------------------------ main
 
-def default_jobs() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def parse_args(argv):
     p = cli.ArgumentParser(prog="study.py", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/study", help="study directory (stages are cached in it)")
+    p.add_argument("--out", help="study directory (stages are cached in it; default runs/study)")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks the machinery in about two minutes")
     p.add_argument("--seeds", type=int, default=None,
                    help="train the students with seeds 0..N-1 (default 3; 2 with --quick); report paired differences")
-    p.add_argument("--jobs", type=int, default=default_jobs(),
+    p.add_argument("--jobs", type=int, default=None,
                    help="worker processes of one torch thread each (default: one per core); results do not depend on it")
     p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--config", help="a study grid config (trainer/grid_config.py) instead of the embedded study")
+    p.add_argument("--preview", action="store_true", help="with --config: print and write the cost preview only")
     args = p.parse_args(argv)
+    if args.config is not None:
+        given = [flag for flag, named in (("--out", args.out is not None), ("--quick", args.quick),
+                                          ("--seeds", args.seeds is not None), ("--jobs", args.jobs is not None)) if named]
+        if given:
+            raise ValueError(f"{given[0]} applies to the embedded study; a --config names its own (out, seeds, "
+                             f"launch.jobs)")
+        return args
+    if args.preview:
+        raise ValueError("--preview needs --config (the embedded study has no cost preview)")
+    args.out = args.out or "runs/study"
+    args.jobs = default_jobs() if args.jobs is None else args.jobs
     if args.seeds is None:
         args.seeds = 2 if args.quick else 3
     if args.seeds < 1:
@@ -820,15 +660,6 @@ def parse_args(argv):
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     return args
-
-
-def check_config(out: Path, cfg: StudyConfig, force: bool):
-    """Cached stages are reused only by the config that made them."""
-    path, text = out / "study_config.json", json.dumps(asdict(cfg), indent=2) + "\n"
-    if path.exists() and path.read_text() != text and not force:
-        raise ValueError(f"{out} holds a study with another config ({path}); pass --force or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -839,9 +670,12 @@ def main(argv=None) -> int:
 def run_study(argv):
     t0 = time.perf_counter()
     args = parse_args(argv)
+    if args.config is not None:
+        run_grid(args.config, args.preview, args.force)
+        return
     cfg = QUICK if args.quick else StudyConfig()
     out = Path(args.out)
-    check_config(out, cfg, args.force)
+    check_config(out, asdict(cfg), args.force)
     run_stages(plan(cfg, out, args.seeds), args.jobs, args.force)
     per_seed = [seed_results(cfg, out, seed) for seed in range(args.seeds)]
     vocab_size = load_tokenizer(out / "data" / "tokenizer").vocab_size

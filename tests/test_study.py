@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import study
+from trainer.report import wilson
 
 TRAINED = [m.name for m in study.METHODS]
 SEEDS = 2  # --quick's default
@@ -192,7 +193,7 @@ def test_wilson_interval_matches_closed_form():
     # Reference values (Newcombe 1998, Table I; Brown, Cai & DasGupta 2001): 0/10 -> [0, 0.2775],
     # 5/10 -> [0.2366, 0.7634], 81/263 -> [0.2553, 0.3662]
     for (x, n), expected in (((0, 10), (0.0, 0.2775)), ((5, 10), (0.2366, 0.7634)), ((81, 263), (0.2553, 0.3662))):
-        assert study.wilson(x, n) == pytest.approx(expected, abs=1e-4)
+        assert wilson(x, n) == pytest.approx(expected, abs=1e-4)
 
 
 def test_instruct_demonstrations_stop_a_seeded_share_one_step_early():
