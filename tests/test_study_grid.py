@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import shutil
 import statistics
 import tomllib
@@ -23,7 +24,7 @@ from conftest import shared_data
 from data.readers import load_gsm8k, load_humaneval
 from data.synthetic import write_jsonl, write_splits
 from data.tasks import score
-from data.templates import render_prompt, tokenize_example
+from data.templates import INSTRUCTIONS, render_prompt, tokenize_example
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer, train_tokenizer
@@ -232,6 +233,9 @@ def test_a_malformed_trace_file_stops_before_any_stage(workspace, tmp_path):
     ({"stages.sft.set.optim.lr": "fast"}, "stages.sft: override optim.lr="),
     ({"data.train": "/nonexistent/train.jsonl"}, "data.train: file /nonexistent/train.jsonl not found"),
     ({"methods": ["grpo"], "models.instruct": ""}, "models.instruct: method 'grpo' starts from it"),
+    ({"cost": {"assume": {"params": {"student": 5}}}}, "cost.assume.params.student: unknown model key"),
+    ({"cost": {"assume": {"params": {"teacher": 0}}}}, "cost.assume.params.teacher: must be > 0"),
+    ({"cost": {"assume": {"chars_per_token": -1}}}, "cost.assume.chars_per_token: must be > 0"),
 ])
 def test_config_errors_stop_before_any_stage_naming_the_key(workspace, tmp_path, change, key):
     rc, log, err = run_grid(tmp_path / "bad.toml", config(workspace, "bad", **change))
@@ -304,8 +308,9 @@ def test_code_track_trains_and_rewards_on_humaneval_rows(workspace, tmp_path):
 
 def test_cost_preview_by_hand(workspace, tmp_path):
     """--preview runs no stage; the sft stage's tokens are 2 steps x 4 examples x their mean length, its FLOPs
-    6 x params x tokens; the kd stage adds 2 x the teacher's params per token; hours at 989 TFLOP/s x 0.35."""
-    table = config(workspace, "preview")
+    6 x params x tokens; the kd stage adds 2 x the teacher's params per token; hours at 989 TFLOP/s x 0.35.
+    Assumptions in the config are not used: every directory is present."""
+    table = config(workspace, "preview", cost={"assume": {"params": {"base": 7}, "chars_per_token": 4}})
     rc, log, err = run_grid(tmp_path / "preview.toml", table, "--preview")
     assert rc == 0, err
     out = Path(table["out"])
@@ -325,6 +330,8 @@ def test_cost_preview_by_hand(workspace, tmp_path):
     assert kd["flops"] == pytest.approx((6 * base + 2 * teacher) * tokens)
     assert sft["hours"] == pytest.approx(6 * base * tokens / (989e12 * 0.35) / 3600)
     assert "seed_0/sft" in log and "GPU-hours" in (out / "cost.md").read_text()
+    assert sft["params"] == base and not any(s["assumed"] for s in costs.values()) and "~" not in log
+    assert json.loads((out / "cost.json").read_text())["assumed"] == {"params": {}, "chars_per_token": None}
 
 
 def test_preview_without_the_model_directories_says_what_is_missing(workspace, tmp_path):
@@ -337,6 +344,48 @@ def test_preview_without_the_model_directories_says_what_is_missing(workspace, t
     assert rc == 2 and f"models.base: directory {tmp_path / 'no-base'} not found" in err
 
 
+def test_preview_assumes_what_the_config_states_in_place_of_absent_directories(workspace, tmp_path):
+    """Every directory absent, config [cost] assume gives params and 4 characters per token: the sft stage's
+    tokens are 2 steps x 4 examples x the mean of ceil(characters / 4) over prompt, answer and <|im_end|>; the
+    base model's eval 2 problems x (1 + 2 samples) x (ceil(prompt characters / 4) + 8 new tokens). Each figure is
+    marked ~; a run still refuses the absent directory."""
+    absent = {f"models.{key}": str(tmp_path / f"no-{key}") for key in ("base", "instruct", "teacher")}
+    assume = {"params": {"base": 3000, "instruct": 3000, "teacher": 5000}, "chars_per_token": 4}
+    table = config(workspace, "assumed", **absent, cost={"assume": assume},
+                   **{"eval.benchmarks": {"gsm8k": str(shared_data("gsm8k/test.jsonl"))}})
+    rc, log, err = run_grid(tmp_path / "assumed.toml", table, "--preview")
+    assert rc == 0, err
+    out = Path(table["out"])
+    costs = {s["stage"]: s for s in json.loads((out / "cost.json").read_text())["stages"]}
+
+    def chars(text: str) -> int:
+        return math.ceil(len(text) / 4)
+
+    def prompt(question: str) -> str:  # ChatML by hand
+        return f"<|im_start|>user\n{question}\n{INSTRUCTIONS['gsm8k']}<|im_end|>\n<|im_start|>assistant\n"
+
+    rows = load_gsm8k(shared_data("gsm8k/train.jsonl"))[:24]
+    sft_tokens = 2 * 4 * statistics.fmean(chars(prompt(r["question"])) + chars(r["answer"]) + chars("<|im_end|>")
+                                          for r in rows)
+    problems = load_gsm8k(shared_data("gsm8k/test.jsonl"))[:2]
+    eval_tokens = 2 * 3 * (statistics.fmean(chars(prompt(r["question"])) for r in problems) + 8)
+    sft, kd, evaluation = costs["seed_0/sft"], costs["seed_0/kd_forward"], costs["eval/base"]
+    assert (sft["params"], sft["sequences"], sft["tokens"]) == (3000, 8, pytest.approx(sft_tokens))
+    assert sft["flops"] == pytest.approx(6 * 3000 * sft_tokens)
+    assert kd["flops"] == pytest.approx((6 * 3000 + 2 * 5000) * sft_tokens)
+    assert (evaluation["sequences"], evaluation["tokens"]) == (6, pytest.approx(eval_tokens))
+    assert evaluation["hours"] == pytest.approx(2 * 3000 * eval_tokens / (989e12 * 0.35) / 3600)
+    assert all(s["assumed"] == ["params", "tokens", "flops"] for s in costs.values())
+    assert json.loads((out / "cost.json").read_text())["assumed"] == {"params": assume["params"],
+                                                                       "chars_per_token": 4}
+    assert "| seed_0/sft | sft | base | ~3.0K | 2 | 8 | 0.33 | ~" in log
+    assert "| eval/base | eval | base | ~3.0K |  | 6 |  | <= ~" in log
+    assert ("Assumed: models.base params 3.00K, models.instruct params 3.00K, models.teacher params 5.00K "
+            "(config [cost] assume.params); tokens at 4 characters per token (no tokenizer read).") in log
+    rc, log, err = run_grid(tmp_path / "assumed.toml")
+    assert rc == 2 and f"models.base: directory {tmp_path / 'no-base'} not found" in err
+
+
 def test_the_paper_recipe_previews(tmp_path, monkeypatch):
     """recipes/study_qwen2.5-0.5b_gsm8k.toml is a valid config; here its checkpoints are absent."""
     monkeypatch.chdir(ROOT)  # its paths are relative to the repository root
@@ -346,3 +395,4 @@ def test_the_paper_recipe_previews(tmp_path, monkeypatch):
     rc, log, err = run_grid(tmp_path / "paper.toml", recipe, "--preview")
     assert rc == 0, err
     assert "Missing: models.base" in log and "seed_0/grpo" in log
+    assert "| ? |" not in log and "Assumed: models.base params 494.03M" in log  # every figure, from its assumptions

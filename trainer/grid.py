@@ -4,7 +4,8 @@ The config (trainer/grid_config.py) names the models, the training data, the met
 per stage kind, the evaluation suite, the seeds and how stages are launched. Everything it names is read
 and checked first: an error names the config key (and for a file, the file and line) before any stage
 starts. Then the cost preview (trainer/grid_cost.py) is printed and written to <out>/cost.md and cost.json
-(--preview stops there), the stages run (trainer/stages.py: cached, a killed training stage resumed,
+(--preview stops there; it alone accepts absent model directories, its figures then stated by config [cost]
+assume or "?"), the stages run (trainer/stages.py: cached, a killed training stage resumed,
 launch.jobs at a time) and the report is written (trainer/grid_report.py).
 
 Stages, under the config's `out`:
@@ -34,7 +35,7 @@ from model.tokenizer import Tokenizer, load_tokenizer
 from trainer.config import TrainConfig, toml_value
 from trainer.grid_config import (BY_NAME, MODEL_KEYS, STAGE_KINDS, GridConfig, Inputs, Method, about, load_grid,
                                  missing_models, read_inputs)
-from trainer.grid_cost import Measures, Planned, stage_cost, write_cost
+from trainer.grid_cost import AssumedTokenizer, Measures, Planned, stage_cost, write_cost
 from trainer.grid_report import write_report
 from trainer.report import provenance
 from trainer.stages import Stage, check_config, eval_modes, evaluate_model, run_stages, run_train
@@ -166,17 +167,21 @@ def plan(g: GridConfig, inputs: Inputs) -> list[Planned]:
 
 def measure(g: GridConfig, inputs: Inputs) -> Measures:
     """The cost preview's inputs: parameters from each present model's config.json, the tokenizer when present,
-    and the rows of every training file (the data stage's, data.traces)."""
-    params = {key: read_config(Path(path)).num_parameters if Path(path).is_dir() else None
-              for key in MODEL_KEYS if (path := getattr(g.models, key))}
-    tokenizer = load_tokenizer(g.models.tokenizer_dir) if Path(g.models.tokenizer_dir).is_dir() else None
+    in place of absent ones config [cost] assume's figures when it states them (else None), and the rows of every
+    training file (the data stage's, data.traces)."""
+    assume = g.cost.assume
+    dirs = {key: Path(path) for key in MODEL_KEYS if (path := getattr(g.models, key))}
+    params = {key: read_config(d).num_parameters if d.is_dir() else assume.params.get(key) for key, d in dirs.items()}
+    assumed = tuple(key for key, d in dirs.items() if not d.is_dir() and key in assume.params)
+    tokenizer = (load_tokenizer(g.models.tokenizer_dir) if Path(g.models.tokenizer_dir).is_dir()
+                 else AssumedTokenizer(assume.chars_per_token) if assume.chars_per_token else None)
     data = Path(g.out) / "data"
     files = {str(data / "train.jsonl"): inputs.records}
     if tokenizer is not None:
         files = {str(data / name): rows for name, rows in data_files(g, inputs.records, tokenizer).items()}
     if g.data.traces:
         files[g.data.traces] = inputs.traces
-    return Measures(g, params, tokenizer, files, inputs)
+    return Measures(g, params, tokenizer, files, inputs, assumed)
 
 
 def run_grid(path: str, preview: bool, force: bool):
@@ -193,7 +198,7 @@ def run_grid(path: str, preview: bool, force: bool):
         measures = measure(g, inputs)
         costs = [stage_cost(p, measures, out) for p in planned if p.kind != "data"]
     check_config(out, asdict(g), force)
-    print(write_cost(out, g, costs, missing, path))
+    print(write_cost(out, g, costs, missing, measures.assumptions(), path))
     if preview:
         return
     run_stages([p.stage for p in planned], g.launch.jobs, force)

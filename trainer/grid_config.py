@@ -13,7 +13,10 @@ dataclasses read from TOML, every key typed and checked before any file is read 
                           it. Kinds: sft, lora (LoRA SFT), gen (the teacher's traces), kd, rl
     [launch]              jobs: stages at once; nproc_per_node: 0 runs train.py in-process, N > 0 as
                           `torchrun --nnodes M --nproc_per_node N <torchrun_args> train.py ...` per stage
-    [cost]                gpu_flops (peak FLOP/s of one GPU) and mfu, for the cost preview (trainer/grid_cost.py)
+    [cost]                gpu_flops (peak FLOP/s of one GPU) and mfu, for the cost preview (trainer/grid_cost.py);
+                          assume = {params = {model key: N}, chars_per_token = C}: stated figures the preview uses
+                          only where a [models] directory (params) or the tokenizer (C > 0) is absent; a run
+                          still refuses an absent directory
     [paper]               source, and figures = {method: {benchmark: %}}: reported, not reproduced
 
 Paths are relative to the directory study.py runs in, as train.py's are. An error is one line naming
@@ -128,9 +131,16 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Assume:
+    params: dict[str, int] = field(default_factory=dict)  # [models] key -> parameters
+    chars_per_token: float = 0.0  # 0: no assumption (an absent tokenizer's figures are ?)
+
+
+@dataclass(frozen=True)
 class Cost:
     gpu_flops: float = 989e12  # H100 SXM, dense bf16
     mfu: float = 0.35
+    assume: Assume = field(default_factory=Assume)  # in place of absent files, for the preview only
 
 
 @dataclass(frozen=True)
@@ -153,7 +163,7 @@ class GridConfig:
     paper: Paper = field(default_factory=Paper)
 
 
-SECTIONS = {c.__name__: c for c in (Models, Data, Eval, StageRecipe, Launch, Cost, Paper)}
+SECTIONS = {c.__name__: c for c in (Models, Data, Eval, StageRecipe, Launch, Assume, Cost, Paper)}
 SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -238,6 +248,11 @@ def check(g: GridConfig):
             "several nodes need torchrun: set launch.nproc_per_node")
     require(cost.gpu_flops > 0, "cost.gpu_flops", f"must be > 0, got {cost.gpu_flops}")
     require(0 < cost.mfu <= 1, "cost.mfu", f"must be in (0, 1], got {cost.mfu}")
+    for key, n in cost.assume.params.items():
+        require(key in MODEL_KEYS, f"cost.assume.params.{key}", f"unknown model key (known: {', '.join(MODEL_KEYS)})")
+        require(n > 0, f"cost.assume.params.{key}", f"must be > 0, got {n}")
+    require(cost.assume.chars_per_token >= 0, "cost.assume.chars_per_token",
+            f"must be > 0 (or 0: no assumption), got {cost.assume.chars_per_token}")
     for name, figures in g.paper.figures.items():
         require(name in g.methods, f"paper.figures.{name}", "not a method of this config")
         for bench, value in figures.items():
