@@ -111,6 +111,23 @@ def test_results_cover_every_method_and_split(quick):
     assert "Commit: " in md and "Machine: " in md and "Wall time" in md
 
 
+def test_grpo_summary_is_the_mean_of_the_logged_steps(quick):
+    out, _ = quick
+    results = json.loads((out / "results.json").read_text())
+    window = max(1, study.QUICK.grpo_steps // 8)
+    for name in study.RL_METHODS:
+        runs = [[json.loads(line) for line in (run_dir(out, seed, name) / "metrics.jsonl").read_text().splitlines()]
+                for seed in range(SEEDS)]
+        assert all([r["step"] for r in run] == list(range(1, study.QUICK.grpo_steps + 1)) for run in runs)
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        expected = {"accuracy_first": mean([mean([r["accuracy"] for r in run[:window]]) for run in runs]),
+                    "accuracy_last": mean([mean([r["accuracy"] for r in run[-window:]]) for run in runs]),
+                    "zero_std_all": mean([mean([r["zero_std_frac"] for r in run]) for run in runs])}
+        for key, value in expected.items():
+            assert results["grpo"][name][key] == pytest.approx(value), (name, key)
+        assert f"| {name} | {100 * expected['accuracy_first']:.1f} |" in (out / "results.md").read_text()
+
+
 def test_curves_start_at_the_start_and_end_at_the_final_eval(quick):
     out, _ = quick
     results = json.loads((out / "results.json").read_text())

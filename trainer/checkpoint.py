@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import DiskFullError, disk_full_reported, export_temp_prefix
+from model.checkpoint import disk_full_reported, export_temp_prefix
 from model.lora import adapter_state, base_fingerprint, load_adapter_state, lora_layers
 from model.parallel import all_gather_objects, unwrap
 
