@@ -9,6 +9,7 @@ import pytest
 
 import train
 from trainer.config import TrainConfig, apply_dict, build, load_config, to_toml
+from trainer.grid_config import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"model": "tiny-student", "out": "runs/x", "data.path": "train.jsonl"}
@@ -44,11 +45,15 @@ def test_config_precedence_types_and_errors(tmp_path):
 
 
 def test_every_recipe_loads():
-    recipes = sorted((ROOT / "recipes").glob("*.toml"))
+    """recipes/study_*.toml are study grids (trainer/grid_config.py, tested in tests/test_study_grid.py);
+    every other recipe is a train.py recipe."""
+    recipes = sorted(r for r in (ROOT / "recipes").glob("*.toml") if not r.name.startswith("study_"))
     assert recipes
     for recipe in recipes:
         cfg = load_config(str(recipe), {"model": "m", "out": "o", "data.path": "d", "kd.teacher": "t"}, [])
         assert cfg.stage in ("sft", "kd", "rl"), recipe
+    for grid in (ROOT / "recipes").glob("study_*.toml"):
+        assert load_grid(str(grid)).methods, grid
 
 
 def test_cli_overrides_parse():
