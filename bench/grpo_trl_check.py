@@ -28,7 +28,7 @@ from data.graders import gsm8k  # noqa: E402
 from data.readers import load_gsm8k  # noqa: E402
 from data.tasks import render_prompts  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
-from trainer.evaluation import evaluate, load_model  # noqa: E402
+from trainer.stages import evaluate_model  # noqa: E402
 
 
 def trl_grpo(start: str, tokenizer_dir: Path, rows: list[dict], cfg: study.StudyConfig, seed: int, out: Path):
@@ -68,12 +68,13 @@ def trl_grpo(start: str, tokenizer_dir: Path, rows: list[dict], cfg: study.Study
     return rewards
 
 
-def greedy(model_dir: str, data: Path, split: str, cfg: study.StudyConfig, out: Path) -> float:
-    model, tokenizer = load_model(model_dir, str(data / "tokenizer"), "cpu")
-    params = study.eval_params(study.Run(cfg, 0, out))["greedy"]
-    summary = evaluate(model, tokenizer, load_gsm8k(data / f"{split}.jsonl"), "synthetic", params, "chat",
-                       cfg.eval_batch, out_dir=out / f"{split}_greedy", progress=False)
-    return summary["pass@1"]
+def greedy(model_dir: str, data: Path, cfg: study.StudyConfig, out: Path) -> dict[str, float]:
+    """{split: greedy pass@1} of a model on test and harder, evaluated as the study's eval stage does."""
+    suites = {split: ("synthetic", load_gsm8k(data / f"{split}.jsonl")) for split in study.SPLITS}
+    modes = {"greedy": study.eval_params(study.Run(cfg, 0, out))["greedy"]}
+    evaluate_model(model_dir, str(data / "tokenizer"), suites, modes, "chat", cfg.eval_batch, out)
+    return {split: json.loads((out / f"{split}_greedy" / "summary.json").read_text())["pass@1"]
+            for split in study.SPLITS}
 
 
 def study_figure(run: study.Run, name: str, split: str) -> float:
@@ -97,13 +98,14 @@ def main(argv=None):
                        args.seed, out)
     seconds = time.perf_counter() - t0
     result = {"seed": args.seed, "trl_seconds": round(seconds, 1), "trl_rollout_reward": rewards}
-    for split in ("test", "harder"):
+    trl = greedy(str(out / "final"), run.data, cfg, out)
+    for split in study.SPLITS:
         result[split] = {"base": study_figure(run, "base", split), "srlm grpo": study_figure(run, "grpo", split),
-                         "trl grpo": greedy(str(out / "final"), run.data, split, cfg, out)}
+                         "trl grpo": trl[split]}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"seed {args.seed}: greedy pass@1 (%) base -> srlm GRPO | TRL GRPO ({cfg.grpo_steps} steps of "
           f"{cfg.grpo_prompts} x {cfg.grpo_group}, lr {cfg.grpo_lr}; TRL took {seconds:.0f} s)")
-    for split in ("test", "harder"):
+    for split in study.SPLITS:
         r = result[split]
         print(f"  {split}: {100 * r['base']:.1f} -> {100 * r['srlm grpo']:.1f} | {100 * r['trl grpo']:.1f}")
     n = max(1, len(rewards) // 8)

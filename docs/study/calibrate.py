@@ -25,13 +25,15 @@ from data.synthetic import write_jsonl  # noqa: E402
 from model.generate import SamplingParams  # noqa: E402
 from trainer.checkpoint import checkpoint_paths  # noqa: E402
 from trainer.evaluation import evaluate, load_model  # noqa: E402
+from trainer.stages import evaluate_model  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=176, temperature=0.0)
 SAMPLED = SamplingParams(max_new_tokens=176, temperature=1.0, n=8, seed=0)
 
 
 def evaluate_run(out: Path, data: Path, sampled: bool) -> dict:
-    """Greedy test pass@1 of each checkpoint, then the final model on test and harder."""
+    """Greedy test pass@1 of each checkpoint, then the final model on test and harder (study.py's evaluation:
+    trainer/stages.py evaluate_model)."""
     model, tokenizer = load_model(str(out / "final"), str(data / "tokenizer"), "cpu")
     test = load_gsm8k(data / "test.jsonl")
     results = {}
@@ -39,14 +41,15 @@ def evaluate_run(out: Path, data: Path, sampled: bool) -> dict:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
         results[path.stem] = evaluate(model, tokenizer, test, "synthetic", GREEDY, "chat", 200,
                                       out_dir=str(out / "eval" / path.stem), progress=False)["pass@1"]
-    model, tokenizer = load_model(str(out / "final"), str(data / "tokenizer"), "cpu")
-    for split in ("test", "harder"):
-        rows = load_gsm8k(data / f"{split}.jsonl")
-        results[f"{split} greedy"] = evaluate(model, tokenizer, rows, "synthetic", GREEDY, "chat", 200,
-                                              out_dir=str(out / "eval" / f"{split}_greedy"), progress=False)["pass@1"]
+    splits = ("test", "harder")
+    modes = {"greedy": GREEDY, **({"t1": SAMPLED} if sampled else {})}
+    evaluate_model(str(out / "final"), str(data / "tokenizer"),
+                   {split: ("synthetic", load_gsm8k(data / f"{split}.jsonl")) for split in splits}, modes, "chat", 200,
+                   out / "eval")
+    for split in splits:
+        results[f"{split} greedy"] = json.loads((out / "eval" / f"{split}_greedy" / "summary.json").read_text())["pass@1"]
         if sampled:
-            summary = evaluate(model, tokenizer, rows, "synthetic", SAMPLED, "chat", 200,
-                               out_dir=str(out / "eval" / f"{split}_t1"), progress=False)
+            summary = json.loads((out / "eval" / f"{split}_t1" / "summary.json").read_text())
             results[f"{split} T1"] = {k: v for k, v in summary.items() if k.startswith("pass@")}
     return results
 
